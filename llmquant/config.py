@@ -1,0 +1,203 @@
+"""Frozen, validated configuration dataclasses.
+
+Every config validates itself in ``__post_init__`` (a ``ValueError`` that says what to change),
+round-trips through ``to_dict``/``from_dict``, and carries a ``version`` so serialized configs stay
+readable when fields are added later.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, TypeVar
+
+SUPPORTED_BITS = (2, 3, 4, 8)
+METHODS = ("rtn", "gptq", "awq")
+
+T = TypeVar("T", bound="_Config")
+
+
+class _Config:
+    """Mixin: dict round trip with nested configs and a schema version."""
+
+    version: ClassVar[int] = 1
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            out[f.name] = value.to_dict() if isinstance(value, _Config) else value
+        out["version"] = self.version
+        return out
+
+    @classmethod
+    def from_dict(cls: type[T], data: dict[str, Any]) -> T:
+        data = dict(data)
+        version = data.pop("version", cls.version)
+        if version > cls.version:
+            raise ValueError(
+                f"{cls.__name__} version {version} is newer than this llmquant understands "
+                f"({cls.version}); upgrade llmquant"
+            )
+        kwargs: dict[str, Any] = {}
+        names = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        for key, value in data.items():
+            if key not in names:
+                raise ValueError(f"{cls.__name__} has no field {key!r}; known: {sorted(names)}")
+            if key == "scheme" and isinstance(value, dict):
+                value = QuantScheme.from_dict(value)
+            kwargs[key] = value
+        return cls(**kwargs)
+
+
+@dataclass(frozen=True)
+class QuantScheme(_Config):
+    """How one weight matrix is quantized.
+
+    bits: code width (2, 3, 4 or 8).
+    group_size: input channels sharing one scale/zero; None = one group per output row (per-channel).
+        K need not be a multiple of it: the last group is then shorter ("ragged").
+    sym: symmetric grid (zero fixed at 2**(bits-1)) or asymmetric min-max grid (per-group zero).
+    """
+
+    bits: int = 4
+    group_size: int | None = 128
+    sym: bool = True
+
+    def __post_init__(self) -> None:
+        if self.bits not in SUPPORTED_BITS:
+            raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {self.bits}")
+        if self.group_size is not None and (not isinstance(self.group_size, int) or self.group_size < 1):
+            raise ValueError(
+                f"group_size must be a positive integer or None (per-channel), got {self.group_size!r}; "
+                "use None instead of -1"
+            )
+
+    @property
+    def maxq(self) -> int:
+        """Largest code value."""
+        return (1 << self.bits) - 1
+
+    def num_groups(self, in_features: int) -> int:
+        """G = ceil(K / group_size); 1 for per-channel."""
+        if self.group_size is None:
+            return 1
+        return -(-in_features // self.group_size)
+
+    def effective_group_size(self, in_features: int) -> int:
+        return in_features if self.group_size is None else self.group_size
+
+
+@dataclass(frozen=True)
+class RTNConfig(_Config):
+    """Round-to-nearest: no calibration data.
+
+    mse_clip: search a per-group shrink of the min-max range that minimizes the rounding error
+        (``grid.mse_qparams``) instead of plain min-max.
+    """
+
+    scheme: QuantScheme = field(default_factory=QuantScheme)
+    mse_clip: bool = False
+    method: ClassVar[str] = "rtn"
+
+    def __post_init__(self) -> None:
+        _check_scheme(self.scheme)
+
+
+@dataclass(frozen=True)
+class GPTQConfig(_Config):
+    """GPTQ (Frantar et al. 2022): Hessian-based error-compensating rounding.
+
+    damp: fraction of the mean Hessian diagonal added to the diagonal before the Cholesky
+        factorization; raised automatically (and reported) when the factorization fails.
+    block_size: lazy-batch width of the column loop (a speed knob; results do not depend on it).
+    act_order: quantize columns in decreasing Hessian-diagonal order (writes a g_idx permutation
+        unless static_groups).
+    static_groups: with act_order, fix each group's grid from the unpermuted weight before the loop, so
+        g_idx stays trivial (i // group_size) and every loader's fast path applies.
+    true_sequential: quantize q/k/v -> o -> gate/up -> down, each group seeing the quantized outputs
+        of the earlier ones.
+    mse_clip: choose each group's grid by an error-minimizing shrink search instead of min-max.
+    """
+
+    scheme: QuantScheme = field(default_factory=QuantScheme)
+    damp: float = 0.01
+    block_size: int = 128
+    act_order: bool = False
+    static_groups: bool = False
+    true_sequential: bool = True
+    mse_clip: bool = False
+    method: ClassVar[str] = "gptq"
+
+    def __post_init__(self) -> None:
+        _check_scheme(self.scheme)
+        if not 0.0 < self.damp < 1.0:
+            raise ValueError(f"damp must be in (0, 1) (a fraction of the mean diagonal), got {self.damp}")
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+        if self.static_groups and not self.act_order:
+            raise ValueError("static_groups only makes sense with act_order; add --act-order or drop it")
+
+
+@dataclass(frozen=True)
+class AWQConfig(_Config):
+    """AWQ (Lin et al. 2023): activation-aware per-channel scaling, then grid clipping.
+
+    n_grid: points of the scale-exponent search in [0, 1).
+    duo_scaling: scale = x_mean**a / w_mean**(1-a) instead of x_mean**a.
+    clip: search a per-group clipping ratio after scaling.
+    """
+
+    scheme: QuantScheme = field(default_factory=lambda: QuantScheme(bits=4, group_size=128, sym=False))
+    n_grid: int = 20
+    duo_scaling: bool = True
+    clip: bool = True
+    method: ClassVar[str] = "awq"
+
+    def __post_init__(self) -> None:
+        _check_scheme(self.scheme)
+        if self.n_grid < 1:
+            raise ValueError(f"n_grid must be >= 1, got {self.n_grid}")
+
+
+@dataclass(frozen=True)
+class CalibrationConfig(_Config):
+    """Where calibration token blocks come from.
+
+    source: a recipe name (``c4``, ``wikitext2``, ``pileval``, ``ultrachat``), a local file path
+        (.txt, .jsonl, .json, .parquet), or ``synthetic`` (text sampled from the model itself).
+    n_samples: number of blocks; seqlen: tokens per block; seed: sampling seed.
+    text_field: column holding the text for jsonl/parquet files (recipes bring their own).
+    """
+
+    source: str = "c4"
+    n_samples: int = 128
+    seqlen: int = 512
+    seed: int = 0
+    text_field: str = "text"
+
+    def __post_init__(self) -> None:
+        if not self.source:
+            raise ValueError("calibration source must not be empty")
+        if self.n_samples < 1:
+            raise ValueError(f"n_samples must be >= 1, got {self.n_samples}")
+        if self.seqlen < 2:
+            raise ValueError(f"seqlen must be >= 2, got {self.seqlen}")
+
+
+MethodConfig = RTNConfig | GPTQConfig | AWQConfig
+
+
+def _check_scheme(scheme: QuantScheme) -> None:
+    if not isinstance(scheme, QuantScheme):
+        raise ValueError(f"scheme must be a QuantScheme, got {type(scheme).__name__}")
+
+
+def method_config_from_dict(data: dict[str, Any]) -> MethodConfig:
+    """Inverse of ``cfg.to_dict() | {"method": cfg.method}``."""
+    data = dict(data)
+    method = data.pop("method", None)
+    classes = {c.method: c for c in (RTNConfig, GPTQConfig, AWQConfig)}
+    if method not in classes:
+        raise ValueError(f"unknown method {method!r}; choose one of {sorted(classes)}")
+    return classes[method].from_dict(data)
