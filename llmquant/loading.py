@@ -1,0 +1,88 @@
+"""``from_pretrained``: load a quantized checkpoint (ours or another tool's, same formats) as a normal
+transformers model whose quantized linears are ``QuantLinear`` modules.
+
+config.json -> skeleton on the meta device (no float weights allocated) -> each quantized linear
+replaced by a QuantLinear built from its packed tensors (format.unpack -> kernel layout) -> every
+other tensor loaded in place -> tied weights re-tied. The result ``generate()``s like any model.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from accelerate import init_empty_weights
+from accelerate.utils import set_module_tensor_to_device
+from tqdm.auto import tqdm
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+
+from .formats import detect_format
+from .io import load_tensors, read_checkpoint_index, read_config
+from .nn import QuantLinear, set_module
+
+logger = logging.getLogger(__name__)
+
+
+def _skeleton(path: Path, dtype: torch.dtype | None) -> tuple[PreTrainedModel, torch.dtype]:
+    config = AutoConfig.from_pretrained(path)
+    config = copy.deepcopy(config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # we swap modules ourselves; transformers must not
+    if dtype is None:
+        dtype = getattr(config, "dtype", None) or torch.float16
+        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model, dtype
+
+
+def from_pretrained(
+    path: str | Path, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu", progress: bool = True
+) -> PreTrainedModel:
+    """Load a GPTQ / AWQ / compressed-tensors checkpoint directory into QuantLinear modules."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} is not a checkpoint directory (no config.json)")
+    qcfg = read_config(path).get("quantization_config")
+    if not qcfg:
+        raise ValueError(f"{path} is not quantized (config.json has no quantization_config); load it with transformers")
+    fmt, scheme, _flags = detect_format(qcfg)
+    model, dtype = _skeleton(path, dtype)
+    index = read_checkpoint_index(path)
+    qnames = fmt.quantized_module_names(index)
+    by_module: dict[str, list[str]] = defaultdict(list)
+    for key in index:
+        by_module[key.rpartition(".")[0]].append(key)
+    for name in tqdm(qnames, desc="loading quantized linears", disable=not progress):
+        linear = model.get_submodule(name)
+        tensors = load_tensors(path, by_module[name], device=device)
+        suffixes = {k.rpartition(".")[2]: v for k, v in tensors.items()}
+        bias = suffixes.pop("bias", None)
+        qw = fmt.unpack(suffixes, scheme, linear.out_features, linear.in_features)
+        set_module(model, name, QuantLinear.from_quantized(qw, bias, dtype=dtype))
+    quantized_keys = {k for n in qnames for k in by_module[n]}
+    _load_plain_tensors(model, path, [k for k in index if k not in quantized_keys], dtype, device)
+    model.to(device)
+    model.eval()
+    model.llmquant_quantization_config = qcfg
+    return model
+
+
+def _load_plain_tensors(
+    model: PreTrainedModel, path: Path, keys: list[str], dtype: torch.dtype, device: str | torch.device
+) -> None:
+    expected = dict(model.named_parameters()) | dict(model.named_buffers())
+    for key, tensor in load_tensors(path, keys, device=device).items():
+        if key not in expected:
+            logger.debug("ignoring checkpoint tensor %s (no such parameter)", key)
+            continue
+        value = tensor.to(dtype) if tensor.is_floating_point() else tensor
+        set_module_tensor_to_device(model, key, device, value=value)
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.tie_weights()
+    missing = [n for n, p in model.named_parameters() if p.is_meta]
+    if missing:
+        raise ValueError(f"checkpoint {path} lacks tensors for {missing[:3]} ({len(missing)} missing)")

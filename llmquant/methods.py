@@ -1,0 +1,119 @@
+"""Per-layer glue for each method: which statistics to collect, then calls into the pure math.
+
+A method receives one decoder layer (on the compute device, float weights) and a ``LayerContext``
+that can run the cached calibration inputs through it. It quantizes the layer's linears, writes the
+fake-quantized weights back into the layer (so later groups and the next layer see quantized
+outputs), and returns one ``QuantizedWeight`` + ``ModuleLog`` per linear.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from .arch import ArchSpec
+from .config import GPTQConfig, MethodConfig, RTNConfig
+from .grid import quantize_weight
+from .qtensor import QuantizedWeight
+
+
+@dataclass(frozen=True)
+class ModuleLog:
+    """One row of the per-module quantization log (``quant_log.json``)."""
+
+    name: str
+    loss: float | None  # method objective (GPTQ: Hessian-weighted error); None for RTN
+    damp: float | None  # damp fraction actually used (GPTQ)
+    seconds: float
+    tokens: int  # calibration tokens that entered the statistics (padding excluded)
+    fallback: str | None = None
+
+
+class LayerContext(Protocol):
+    """What the pipeline offers a method for one layer."""
+
+    index: int
+    arch: ArchSpec
+
+    def collect_inputs(
+        self, layer: nn.Module, names: Sequence[str], fn: Callable[[str, torch.Tensor], None]
+    ) -> None:
+        """Run every calibration batch through ``layer``; call ``fn(name, X [tokens, K])`` with the
+        real (unpadded) input tokens of each named submodule."""
+        ...
+
+
+LayerResult = dict[str, tuple[QuantizedWeight, ModuleLog]]
+
+
+class RTNMethod:
+    needs_calibration = False
+
+    def __init__(self, config: RTNConfig) -> None:
+        self.config = config
+
+    def quantize_layer(self, layer: nn.Module, ctx: LayerContext) -> LayerResult:
+        out: LayerResult = {}
+        for name in ctx.arch.linear_names:
+            t0 = time.perf_counter()
+            module = layer.get_submodule(name)
+            qw = quantize_weight(module.weight.data.float(), self.config.scheme, mse=self.config.mse_clip)
+            module.weight.data = qw.dequantize(module.weight.dtype)
+            out[name] = (qw, ModuleLog(name, None, None, time.perf_counter() - t0, 0))
+        return out
+
+
+class GPTQMethod:
+    needs_calibration = True
+
+    def __init__(self, config: GPTQConfig) -> None:
+        self.config = config
+
+    def phases(self, arch: ArchSpec) -> list[tuple[tuple[str, ...], ...]]:
+        """Groups quantized after one shared forward; true-sequential gives one group per phase."""
+        if self.config.true_sequential:
+            return [(group,) for group in arch.sequential]
+        return [arch.sequential]
+
+    def quantize_layer(self, layer: nn.Module, ctx: LayerContext) -> LayerResult:
+        from .gptq import accumulate_hessian, hessian_init
+
+        out: LayerResult = {}
+        for phase in self.phases(ctx.arch):
+            stats: dict[str, tuple[torch.Tensor, int]] = {}
+
+            def add(name: str, x: torch.Tensor, stats: dict = stats) -> None:
+                if name not in stats:
+                    stats[name] = hessian_init(x.shape[-1], x.device)
+                stats[name] = accumulate_hessian(*stats[name], x)
+
+            ctx.collect_inputs(layer, [group[0] for group in phase], add)
+            for group in phase:
+                H, n = stats[group[0]]
+                for name in group:
+                    out[name] = self._quantize_module(layer.get_submodule(name), name, H / max(n, 1), n)
+        return out
+
+    def _quantize_module(
+        self, module: nn.Module, name: str, H: torch.Tensor, tokens: int
+    ) -> tuple[QuantizedWeight, ModuleLog]:
+        from .gptq import gptq_quantize
+
+        t0 = time.perf_counter()
+        res = gptq_quantize(module.weight.data.float(), H, self.config)
+        module.weight.data = res.weight.dequantize(module.weight.dtype)
+        log = ModuleLog(name, res.hessian_error, res.damp, time.perf_counter() - t0, tokens, res.fallback)
+        return res.weight, log
+
+
+def make_method(config: MethodConfig) -> RTNMethod | GPTQMethod:
+    if isinstance(config, RTNConfig):
+        return RTNMethod(config)
+    if isinstance(config, GPTQConfig):
+        return GPTQMethod(config)
+    raise ValueError(f"method {config.method!r} is not available yet; use rtn or gptq")

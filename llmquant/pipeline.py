@@ -1,0 +1,258 @@
+"""THE model walker: stream calibration activations through the model one decoder layer at a time.
+
+1. capture: run the embeddings on every calibration batch and stop at decoder layer 0 (a pre-hook
+   raises), keeping its hidden-state inputs (the activation cache, on the CPU) and the keyword
+   arguments the installed transformers passes (attention mask, position ids, rotary embeddings,
+   cache position ...).
+2. for each decoder layer: load it (from the checkpoint shards when streaming), move it to the
+   compute device, let the method quantize its linears (collecting statistics with hooks over the
+   cached inputs), run the inputs through the now-quantized layer to get the next layer's inputs,
+   swap its linears for QuantLinear modules, move it back to the CPU, and write a resume checkpoint.
+Only one float decoder layer plus the activation cache is ever resident on the compute device.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel
+
+from . import __version__
+from .arch import ArchSpec
+from .calibration import CalibrationBlocks, load_calibration
+from .config import CalibrationConfig, MethodConfig
+from .methods import LayerResult, ModuleLog, make_method
+from .nn import QuantLinear, set_module
+from .qtensor import QuantizedWeight
+from .resume import ResumeState, fingerprint
+from .source import LoadedModel, ModelSource, StreamedModel
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class QuantizationResult:
+    """The quantized model (QuantLinear modules swapped in, on the CPU) and what was done to it."""
+
+    model: PreTrainedModel
+    quantized: dict[str, QuantizedWeight]
+    config: MethodConfig
+    logs: list[ModuleLog] = field(default_factory=list)
+    calibration: dict | None = None
+    seconds: float = 0.0
+    resume_dir: Path | None = None  # delete once the checkpoint is saved (``save_quantized`` does)
+
+
+class _StopForward(Exception):
+    pass
+
+
+@dataclass
+class _Context:
+    """LayerContext implementation over the activation cache."""
+
+    index: int
+    arch: ArchSpec
+    inputs: list[torch.Tensor]  # per batch [b, S, H], on the CPU
+    kwargs: list[dict]  # per batch, decoder-layer keyword arguments
+    masks: list[torch.Tensor | None]  # per batch [b, S] bool (True = real token) or None
+    device: torch.device
+    dtype: torch.dtype
+
+    def run(self, layer: nn.Module, keep: bool, on_batch: Callable[[int], None] | None = None) -> list:
+        outs = []
+        for j, x in enumerate(self.inputs):
+            if on_batch is not None:
+                on_batch(j)
+            kwargs = {k: _to(v, self.device) for k, v in self.kwargs[j].items()}
+            y = layer(x.to(self.device, self.dtype), **kwargs)
+            y = y[0] if isinstance(y, tuple) else y
+            if keep:
+                outs.append(y.to("cpu"))
+        return outs
+
+    def collect_inputs(
+        self, layer: nn.Module, names: Sequence[str], fn: Callable[[str, torch.Tensor], None]
+    ) -> None:
+        current: dict[str, torch.Tensor | None] = {"mask": None}
+
+        def hook(name: str) -> Callable:
+            def _hook(_module: nn.Module, args: tuple, _output: object) -> None:
+                x = args[0].reshape(-1, args[0].shape[-1])  # [b, S, K] -> [b*S, K]
+                mask = current["mask"]
+                fn(name, x if mask is None else x[mask.reshape(-1).to(x.device)])
+
+            return _hook
+
+        def set_batch(j: int) -> None:
+            current["mask"] = self.masks[j]
+
+        handles = [layer.get_submodule(n).register_forward_hook(hook(n)) for n in names]
+        try:
+            with torch.inference_mode():
+                self.run(layer, keep=False, on_batch=set_batch)
+        finally:
+            for h in handles:
+                h.remove()
+
+
+def _to(value: object, device: torch.device) -> object:
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, tuple):
+        return tuple(_to(v, device) for v in value)
+    return value
+
+
+def _outside_modules(source: ModelSource) -> list[nn.Module]:
+    """Children of the base model other than the decoder layers (embeddings, rotary, norm)."""
+    base_path, _, layers_name = source.arch.layers.rpartition(".")
+    base = source.model.get_submodule(base_path)
+    return [m for n, m in base.named_children() if n != layers_name]
+
+
+def capture_layer_inputs(
+    source: ModelSource, blocks: CalibrationBlocks, batch_size: int, device: torch.device, dtype: torch.dtype
+) -> tuple[list[torch.Tensor], list[dict], list[torch.Tensor | None]]:
+    """Decoder-layer-0 inputs and kwargs for every calibration batch (inputs kept on the CPU)."""
+    captured: dict = {}
+
+    def pre_hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+        kwargs = dict(kwargs)
+        captured["x"] = args[0] if args else kwargs.pop("hidden_states")
+        captured["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        raise _StopForward
+
+    outside = _outside_modules(source)
+    # parameterless modules (rotary embeddings) keep their float32 buffers: move, don't cast
+    saved = [(m, next(m.parameters(), None)) for m in outside]
+    for m, p in saved:
+        m.to(device=device, dtype=dtype if p is not None else None)
+    handle = source.layers[0].register_forward_pre_hook(pre_hook, with_kwargs=True)
+    inputs, kwargs_list, masks = [], [], []
+    try:
+        for start in range(0, blocks.input_ids.shape[0], batch_size):
+            ids = blocks.input_ids[start : start + batch_size]
+            mask = blocks.attention_mask[start : start + batch_size]
+            padded = bool((mask == 0).any())
+            with torch.inference_mode():
+                try:
+                    source.model(input_ids=ids.to(device), attention_mask=mask.to(device) if padded else None, use_cache=False)
+                except _StopForward:
+                    pass
+            inputs.append(captured["x"].to("cpu"))
+            kwargs_list.append({k: _to(v, torch.device("cpu")) for k, v in captured["kwargs"].items()})
+            masks.append(mask.bool() if padded else None)
+    finally:
+        handle.remove()
+        for m, p in saved:
+            m.to(device="cpu", dtype=p.dtype if p is not None else None)
+    return inputs, kwargs_list, masks
+
+
+def _resolve_source(model: PreTrainedModel | ModelSource | str | Path) -> ModelSource:
+    if isinstance(model, ModelSource):
+        return model
+    if isinstance(model, (str, Path)):
+        return StreamedModel(model)
+    return LoadedModel(model)
+
+
+def _resolve_blocks(
+    calibration: CalibrationBlocks | CalibrationConfig | None, tokenizer, source: ModelSource
+) -> CalibrationBlocks:
+    if isinstance(calibration, CalibrationBlocks):
+        return calibration
+    if tokenizer is None:
+        raise ValueError("calibration needs a tokenizer: pass tokenizer=... or CalibrationBlocks")
+    return load_calibration(calibration or CalibrationConfig(), tokenizer, model=source.model)
+
+
+def _finalize_layer(layer: nn.Module, result: LayerResult, dtype: torch.dtype) -> None:
+    """Swap each quantized linear for a QuantLinear and move the layer back to the CPU (mutates)."""
+    for name, (qw, _log) in result.items():
+        linear = layer.get_submodule(name)
+        bias = None if linear.bias is None else linear.bias.detach().to("cpu", dtype)
+        set_module(layer, name, QuantLinear.from_quantized(qw.to("cpu"), bias, dtype=dtype))
+    layer.to(device="cpu", dtype=dtype)
+
+
+def quantize(
+    model: PreTrainedModel | ModelSource | str | Path,
+    config: MethodConfig,
+    calibration: CalibrationBlocks | CalibrationConfig | None = None,
+    *,
+    tokenizer=None,
+    device: str | torch.device | None = None,
+    batch_size: int = 8,
+    resume_dir: str | Path | None = None,
+    progress: bool = True,
+) -> QuantizationResult:
+    """Quantize every decoder-layer linear of ``model`` (a loaded model or a checkpoint path).
+
+    ``calibration`` (blocks or a config; needs ``tokenizer``) is used by calibrated methods (GPTQ).
+    Computation runs on ``device`` (default: CUDA if available) in the model's dtype there, in float32
+    on the CPU. With ``resume_dir``, every finished layer is checkpointed and an interrupted run
+    with the same inputs continues where it stopped, bit-identically.
+    """
+    t0 = time.perf_counter()
+    source = _resolve_source(model)
+    method = make_method(config)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    store_dtype = next(p for p in source.model.parameters() if not p.is_meta).dtype
+    compute_dtype = torch.float32 if dev.type == "cpu" else store_dtype
+    blocks = _resolve_blocks(calibration, tokenizer, source) if method.needs_calibration else None
+    fp = fingerprint(__version__, source.description, config.to_dict(), config.method,
+                     blocks.fingerprint if blocks else None, batch_size, str(compute_dtype))
+    state = ResumeState(Path(resume_dir) if resume_dir else None, fp)
+    ctx = None
+    if blocks is not None:
+        inputs, kwargs, masks = capture_layer_inputs(source, blocks, batch_size, dev, compute_dtype)
+        inputs = state.load_activations() if state.layers_done else inputs
+        ctx = _Context(0, source.arch, inputs, kwargs, masks, dev, compute_dtype)
+    quantized: dict[str, QuantizedWeight] = {}
+    logs: list[ModuleLog] = []
+    n_layers = len(source.layers)
+    bar = tqdm(range(n_layers), desc=f"{config.method} layers", disable=not progress)
+    for i in bar:
+        layer = source.load_layer(i)
+        if i < state.layers_done:
+            result = state.load_layer(i)
+        else:
+            result = _quantize_layer(layer, i, method, ctx, source.arch, dev, compute_dtype)
+            state.save_layer(i, result, ctx.inputs if ctx else None)
+        _finalize_layer(layer, result, store_dtype)
+        prefix = f"{source.arch.layers}.{i}."
+        for name, (qw, log) in result.items():
+            quantized[prefix + name] = qw
+            logs.append(ModuleLog(prefix + name, *list(log.__dict__.values())[1:]))
+        losses = [log.loss for _, log in result.values() if log.loss is not None]
+        if losses:
+            bar.set_postfix(loss=f"{max(losses):.3g}")
+    calib = None if blocks is None else {"source": blocks.source, "fingerprint": blocks.fingerprint,
+                                         "n_samples": int(blocks.input_ids.shape[0]),
+                                         "seqlen": int(blocks.input_ids.shape[1])}
+    seconds = time.perf_counter() - t0
+    return QuantizationResult(source.model, quantized, config, logs, calib, seconds, state.dir)
+
+
+def _quantize_layer(
+    layer: nn.Module, index: int, method, ctx: _Context | None, arch: ArchSpec,
+    device: torch.device, dtype: torch.dtype,
+) -> LayerResult:
+    """Quantize one layer on the compute device; advance ``ctx.inputs`` to its quantized outputs."""
+    layer.to(device=device, dtype=dtype)
+    if ctx is None:
+        return method.quantize_layer(layer, _Context(index, arch, [], [], [], device, dtype))
+    ctx.index = index
+    result = method.quantize_layer(layer, ctx)
+    with torch.inference_mode():
+        ctx.inputs = ctx.run(layer, keep=True)
+    return result

@@ -1,0 +1,108 @@
+"""Per-layer resume checkpoints for the pipeline.
+
+Layout of a checkpoint directory (``<out>.partial`` by default):
+- ``state.json``: {"fingerprint": ..., "layers_done": i}. Written last, atomically: a layer counts as
+  done only when its files are complete.
+- ``layer-00012.safetensors``: codes/scales/zeros/g_idx of every linear of layer 12, plus its log.
+- ``activations.safetensors``: the calibration activations leaving the last finished layer (the
+  next layer's inputs), exactly as the uninterrupted run had them, so a resumed run is bit-identical.
+
+A fingerprint mismatch (other model, data, config or llmquant version) discards the directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .methods import LayerResult, ModuleLog
+from .qtensor import QuantizedWeight
+
+logger = logging.getLogger(__name__)
+
+
+def fingerprint(*parts: object) -> str:
+    """sha256 over the JSON of ``parts`` (configs, data fingerprints, versions)."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+class ResumeState:
+    """Reads and writes one pipeline run's resume directory."""
+
+    def __init__(self, directory: Path | None, fp: str) -> None:
+        self.dir, self.fp, self.layers_done = directory, fp, 0
+        if directory is None:
+            return
+        state_file = directory / "state.json"
+        if state_file.is_file():
+            state = json.loads(state_file.read_text())
+            if state.get("fingerprint") == fp:
+                self.layers_done = int(state["layers_done"])
+                logger.info("resuming from %s: %d layers already done", directory, self.layers_done)
+            else:
+                logger.warning("discarding %s: it belongs to a different run", directory)
+                shutil.rmtree(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+
+    def save_layer(self, index: int, result: LayerResult, activations: list[torch.Tensor] | None) -> None:
+        if self.dir is None:
+            return
+        tensors: dict[str, torch.Tensor] = {}
+        logs = {}
+        for name, (qw, log) in result.items():
+            tensors.update({f"{name}.codes": qw.codes, f"{name}.scales": qw.scales, f"{name}.zeros": qw.zeros})
+            if qw.g_idx is not None:
+                tensors[f"{name}.g_idx"] = qw.g_idx
+            logs[name] = {**log.__dict__, "bits": qw.bits, "group_size": qw.group_size}
+        _atomic_save(tensors, self.dir / f"layer-{index:05d}.safetensors", {"logs": json.dumps(logs)})
+        if activations is not None:
+            _atomic_save({f"batch_{j}": a for j, a in enumerate(activations)}, self.dir / "activations.safetensors")
+        tmp = self.dir / "state.json.tmp"
+        tmp.write_text(json.dumps({"fingerprint": self.fp, "layers_done": index + 1}))
+        os.replace(tmp, self.dir / "state.json")
+
+    def load_layer(self, index: int) -> LayerResult:
+        assert self.dir is not None
+        path = self.dir / f"layer-{index:05d}.safetensors"
+        tensors = load_file(str(path))
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            logs = json.loads(f.metadata()["logs"])
+        out: LayerResult = {}
+        for name, log in logs.items():
+            bits, group_size = log.pop("bits"), log.pop("group_size")
+            qw = QuantizedWeight(
+                codes=tensors[f"{name}.codes"],
+                scales=tensors[f"{name}.scales"],
+                zeros=tensors[f"{name}.zeros"],
+                bits=bits,
+                group_size=group_size,
+                g_idx=tensors.get(f"{name}.g_idx"),
+            )
+            out[name] = (qw, ModuleLog(**log))
+        return out
+
+    def load_activations(self) -> list[torch.Tensor] | None:
+        if self.dir is None or not (self.dir / "activations.safetensors").is_file():
+            return None
+        tensors = load_file(str(self.dir / "activations.safetensors"))
+        return [tensors[f"batch_{j}"] for j in range(len(tensors))]
+
+    def finish(self) -> None:
+        """Remove the directory once the final checkpoint is written."""
+        if self.dir is not None and self.dir.exists():
+            shutil.rmtree(self.dir)

@@ -1,0 +1,133 @@
+"""The model walker on tiny random LLaMAs: streamed == loaded, propagation, padding, resume."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llmquant import pipeline
+from llmquant.calibration import CalibrationBlocks, fingerprint
+from llmquant.config import GPTQConfig, QuantScheme, RTNConfig
+from llmquant.grid import quantize_weight
+from llmquant.nn import QuantLinear
+
+SCHEME = QuantScheme(bits=4, group_size=32, sym=False)
+
+
+def _blocks(n: int = 6, seqlen: int = 32, vocab: int = 256, pad_tail: int = 0, pad_id: int = 0) -> CalibrationBlocks:
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, vocab, (n, seqlen), generator=g)
+    mask = torch.ones_like(ids)
+    if pad_tail:
+        mask[::2, seqlen - pad_tail :] = 0  # every other sequence right-padded
+        ids[mask == 0] = pad_id
+    return CalibrationBlocks(ids, mask, "test", fingerprint(ids, mask))
+
+
+def _codes(result: pipeline.QuantizationResult) -> dict[str, tuple]:
+    return {n: (qw.codes, qw.scales, qw.zeros) for n, qw in result.quantized.items()}
+
+
+def _assert_same(a: pipeline.QuantizationResult, b: pipeline.QuantizationResult) -> None:
+    assert a.quantized.keys() == b.quantized.keys()
+    for name in a.quantized:
+        for x, y in zip(a.quantized[name].__dict__.values(), b.quantized[name].__dict__.values()):
+            if isinstance(x, torch.Tensor):
+                assert torch.equal(x, y), name
+            else:
+                assert x == y, name
+
+
+def test_rtn_quantizes_every_linear_exactly(tiny_llama) -> None:
+    originals = {n: m.weight.detach().clone() for n, m in tiny_llama.named_modules() if n.startswith("model.layers")
+                 and isinstance(m, torch.nn.Linear)}
+    result = pipeline.quantize(tiny_llama, RTNConfig(SCHEME), progress=False)
+    assert set(result.quantized) == set(originals) and len(originals) == 14
+    for name, w in originals.items():
+        assert result.quantized[name].equal(quantize_weight(w, SCHEME))
+        assert isinstance(result.model.get_submodule(name), QuantLinear)
+
+
+def test_streamed_equals_loaded(make_tiny_llama, tmp_path) -> None:
+    model = make_tiny_llama()
+    model.save_pretrained(tmp_path / "m")
+    cfg = GPTQConfig(SCHEME)
+    loaded = pipeline.quantize(make_tiny_llama(), cfg, _blocks(), progress=False)
+    streamed = pipeline.quantize(tmp_path / "m", cfg, _blocks(), progress=False)
+    _assert_same(loaded, streamed)
+
+
+def test_gptq_pipeline_beats_rtn_on_layer_outputs(make_tiny_llama) -> None:
+    blocks = _blocks(n=8, seqlen=64)
+    float_model = make_tiny_llama()
+    with torch.no_grad():
+        ref = float_model(blocks.input_ids).logits
+    errs = {}
+    for cfg in (RTNConfig(QuantScheme(3, 32, False)), GPTQConfig(QuantScheme(3, 32, False))):
+        result = pipeline.quantize(make_tiny_llama(), cfg, blocks, progress=False)
+        with torch.no_grad():
+            errs[cfg.method] = (result.model(blocks.input_ids).logits - ref).pow(2).mean().item()
+    assert errs["gptq"] < 0.8 * errs["rtn"], errs
+
+
+def test_padding_never_enters_statistics(make_tiny_llama) -> None:
+    cfg = GPTQConfig(SCHEME)
+    a = pipeline.quantize(make_tiny_llama(), cfg, _blocks(pad_tail=8, pad_id=0), progress=False)
+    b = pipeline.quantize(make_tiny_llama(), cfg, _blocks(pad_tail=8, pad_id=7), progress=False)
+    _assert_same(a, b)
+    c = pipeline.quantize(make_tiny_llama(), cfg, _blocks(pad_tail=0), progress=False)
+    assert any(not torch.equal(a.quantized[n].codes, c.quantized[n].codes) for n in a.quantized)
+
+
+def test_modules_log_has_losses_and_damp(make_tiny_llama) -> None:
+    result = pipeline.quantize(make_tiny_llama(), GPTQConfig(SCHEME), _blocks(), progress=False)
+    assert len(result.logs) == 14
+    assert all(log.loss is not None and log.loss >= 0 and log.damp >= 0.01 for log in result.logs)
+    assert all(log.tokens == 6 * 32 for log in result.logs)
+
+
+def test_resume_after_interruption_is_bit_identical(make_tiny_llama, tmp_path, monkeypatch) -> None:
+    model_dir = tmp_path / "m"
+    make_tiny_llama(layers=3).save_pretrained(model_dir)
+    cfg = GPTQConfig(SCHEME, act_order=True)
+    full = pipeline.quantize(model_dir, cfg, _blocks(), progress=False)
+
+    calls = {"n": 0}
+    original = pipeline._quantize_layer
+
+    def dying(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "_quantize_layer", dying)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.quantize(model_dir, cfg, _blocks(), resume_dir=tmp_path / "r", progress=False)
+    monkeypatch.setattr(pipeline, "_quantize_layer", original)
+    assert (tmp_path / "r" / "state.json").is_file()
+
+    done = []
+    monkeypatch.setattr(pipeline, "_quantize_layer", lambda *a, **k: done.append(a[1]) or original(*a, **k))
+    resumed = pipeline.quantize(model_dir, cfg, _blocks(), resume_dir=tmp_path / "r", progress=False)
+    assert done == [2]  # layers 0 and 1 came from the checkpoint
+    _assert_same(full, resumed)
+    with torch.no_grad():
+        ids = _blocks().input_ids
+        assert torch.equal(full.model(ids).logits, resumed.model(ids).logits)
+
+
+def test_resume_ignores_a_different_run(make_tiny_llama, tmp_path) -> None:
+    model_dir = tmp_path / "m"
+    make_tiny_llama().save_pretrained(model_dir)
+    pipeline.quantize(model_dir, GPTQConfig(SCHEME), _blocks(), resume_dir=tmp_path / "r", progress=False)
+    other = pipeline.quantize(model_dir, GPTQConfig(SCHEME, damp=0.1), _blocks(), resume_dir=tmp_path / "r",
+                              progress=False)
+    fresh = pipeline.quantize(model_dir, GPTQConfig(SCHEME, damp=0.1), _blocks(), progress=False)
+    _assert_same(other, fresh)
+
+
+def test_unknown_architecture_is_a_clear_error(tiny_llama) -> None:
+    tiny_llama.config.model_type = "gpt_neox"
+    with pytest.raises(ValueError, match="add an ArchSpec"):
+        pipeline.quantize(tiny_llama, RTNConfig(SCHEME), progress=False)
