@@ -17,6 +17,8 @@ Byte for byte, for a linear with N outputs, K inputs, ``bits`` in {2, 3, 4, 8}, 
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
 import torch
 
 from llmquant.bitpack import pack, unpack
@@ -32,7 +34,8 @@ def to_kernel_layout(qw: QuantizedWeight) -> dict[str, torch.Tensor | None]:
         expect = trivial_g_idx(qw.shape[1], qw.group_size, device=sorted_g.device)
         if not torch.equal(sorted_g, expect):
             raise ValueError(
-                "g_idx assigns groups of uneven size; only act-order permutations of equal groups are supported"
+                "g_idx assigns groups of uneven size; "
+                "only act-order permutations of equal groups are supported"
             )
         codes = codes[:, perm]  # [N, K] columns in group order
         perm = perm.to(torch.int32)
@@ -78,3 +81,36 @@ def quant_matmul_ref(
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype)
+
+
+def concat_layouts(layouts: Sequence[Mapping[str, torch.Tensor | None]]) -> dict[str, torch.Tensor | None]:
+    """Concatenate kernel layouts of linears sharing one input along N (fused QKV, fused gate/up).
+
+    All parts must have the same K, bits and group_size (so the same qweight rows and group count)
+    and the same ``perm`` (None, or equal: q/k/v and gate/up see the same input, hence the same
+    act-order). One ``quant_matmul`` on the result equals the parts' outputs concatenated on the last
+    dim; split them back with ``y.split([part["qweight"].shape[1] for part in layouts], dim=-1)``.
+    """
+    if not layouts:
+        raise ValueError("concat_layouts needs at least one layout")
+    first = layouts[0]
+    for i, part in enumerate(layouts[1:], start=1):
+        rows, rows0 = (
+            (part["qweight"].shape[0], part["scales"].shape[0]),
+            (first["qweight"].shape[0], first["scales"].shape[0]),
+        )
+        if rows != rows0:
+            raise ValueError(
+                f"layout {i} has qweight/scales rows {part['qweight'].shape[0]}/{part['scales'].shape[0]}, "
+                f"layout 0 has {first['qweight'].shape[0]}/{first['scales'].shape[0]}: "
+                "concatenate only linears with the same in_features, bits and group_size"
+            )
+        p0, p1 = first.get("perm"), part.get("perm")
+        if (p0 is None) != (p1 is None) or (p0 is not None and not torch.equal(p0, p1)):
+            raise ValueError(f"layout {i} has a different act-order perm than layout 0; they cannot share x")
+    return {
+        "qweight": torch.cat([p["qweight"] for p in layouts], dim=1),  # [Kw, N_i] -> [Kw, sum N_i]
+        "scales": torch.cat([p["scales"] for p in layouts], dim=1),  # [G, N_i] -> [G, sum N_i]
+        "zeros": torch.cat([p["zeros"] for p in layouts], dim=1),  # [G, N_i] -> [G, sum N_i]
+        "perm": first.get("perm"),
+    }

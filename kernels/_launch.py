@@ -1,0 +1,99 @@
+"""Launcher plumbing shared by the GEMV and GEMM matmul launchers: checks, allocation, epilogue.
+
+Both kernels compute y [M, N] = x[:, perm] @ W^T (+ bias) with x flattened to [M, K]. With SPLIT_K == 1
+a program stores its tile straight into ``y`` (activation dtype); with SPLIT_K > 1 the splits
+``atomic_add`` fp32 partials into a zeroed fp32 workspace [M, N] that is cast to ``y``'s dtype after
+the launch. Which case ran is read from the chosen config on the host (``Autotuner.best_config``, a
+Python attribute: no device sync), so the op stays capturable in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from .dequant import check_interpretable, check_layout, kernel_group_size
+
+ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@dataclass
+class MatmulLaunch:
+    """Flattened operands, outputs and the constexpr flags of one quantized-matmul launch."""
+
+    x: torch.Tensor  # [M, K]
+    y: torch.Tensor  # [M, N], x's dtype
+    workspace: torch.Tensor  # fp32 [M, N] zeros (split-K), or y itself when split-K cannot happen
+    out_shape: tuple[int, ...]
+    meta: dict
+
+    @property
+    def m(self) -> int:
+        return self.x.shape[0]
+
+
+def prepare(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    bits: int,
+    group_size: int | None,
+    perm: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    *,
+    may_split: bool,
+) -> MatmulLaunch:
+    """Check operands, flatten x to [M, K], allocate y (and the split-K workspace if ``may_split``)."""
+    k, n = x.shape[-1], qweight.shape[1]
+    check_layout(qweight, scales, zeros, bits, k)
+    check_interpretable(x)
+    if x.dtype not in ACT_DTYPES:
+        raise ValueError(f"activations must be one of {ACT_DTYPES}, got {x.dtype}")
+    devices = {t.device for t in (x, qweight, scales, zeros, perm, bias) if t is not None}
+    if len(devices) != 1:
+        raise ValueError(f"all operands must be on one device, got {sorted(map(str, devices))}")
+    if perm is not None and (perm.shape != (k,) or perm.dtype not in (torch.int32, torch.int64)):
+        raise ValueError(f"perm must be int32/int64 [{k}], got {perm.dtype} {tuple(perm.shape)}")
+    if bias is not None and bias.shape != (n,):
+        raise ValueError(f"bias must be [{n}], got {tuple(bias.shape)}")
+    x2 = x.reshape(-1, k)  # x [..., K] -> [M, K]
+    m = x2.shape[0]
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    workspace = torch.zeros((m, n), dtype=torch.float32, device=x.device) if may_split else y
+    meta = {
+        "BITS": bits,
+        "GROUP_SIZE": kernel_group_size(group_size, k),
+        "FP16_MATH": x.dtype == torch.float16,
+        "FP32_DOT": x.dtype == torch.float32,
+        "HAS_PERM": perm is not None,
+        "HAS_BIAS": bias is not None,
+    }
+    return MatmulLaunch(x2, y, workspace, (*x.shape[:-1], n), meta)
+
+
+def kernel_args(
+    launch: MatmulLaunch,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    perm: torch.Tensor | None,
+    bias: torch.Tensor | None,
+) -> tuple:
+    """Positional kernel arguments (pointers, sizes, strides) in the kernels' signature order."""
+    x, y = launch.x, launch.y
+    # Absent optional operands get a dummy pointer; the HAS_PERM / HAS_BIAS flags keep them unread.
+    return (
+        x, qweight, scales, zeros, x if perm is None else perm, x if bias is None else bias, y,
+        launch.workspace, x.shape[0], qweight.shape[1], x.shape[1],
+        x.stride(0), x.stride(1), qweight.stride(0), qweight.stride(1), scales.stride(0),
+        scales.stride(1), zeros.stride(0), zeros.stride(1), y.stride(0), y.stride(1),
+    )  # fmt: skip
+
+
+def finish(launch: MatmulLaunch, config: triton.Config) -> torch.Tensor:
+    """y [..., N]: the fp32 split-K workspace cast to x's dtype, or y as stored by the kernel."""
+    y = launch.workspace.to(launch.y.dtype) if config.kwargs["SPLIT_K"] > 1 else launch.y
+    return y.reshape(launch.out_shape)

@@ -1,0 +1,234 @@
+"""Launch configurations for the quantized-matmul kernels: autotune lists per regime, pruning, caching.
+
+Regimes (chosen by ``dispatch.quant_matmul`` from M = number of activation rows):
+
+- ``gemv``: M <= ``GEMV_MAX_M``. CUDA-core GEMV (broadcast-multiply + ``tl.sum``), split-K over the grid.
+- ``gemm``: ``GEMV_MAX_M`` < M <= ``DEQUANT_MATMUL_MIN_M``. Tiled ``tl.dot`` (tensor cores); split-K only
+  for skinny M (<= ``SPLIT_K_MAX_M``), where N x M tiles alone cannot fill the GPU.
+- large M: dequantize once + ``torch.matmul`` (cuBLAS); no configs here.
+
+Autotune keys are (N, K, M-bucket, GROUP_SIZE, BITS, dtypes): a server whose batch size varies does not
+re-tune for every M. ``prune_*`` drop configs that cannot be valid or fast for a shape before timing
+(BLOCK_K must fit the group, split-K must leave every split at least one block, register budget,
+enough programs to fill the SMs). Under ``TRITON_INTERPRET=1`` each list collapses to one small
+``INTERPRET_*`` config so the numpy interpreter never benchmarks.
+
+Tuned results live in each ``triton.Autotuner``'s ``cache``; ``dump_tuned``/``load_tuned`` move them
+to and from a JSON file (one per GPU model, written by ``scripts/bench_kernels.py --tune``).
+
+The thresholds below are defaults derived from the roofline (kernels-and-quality.md A.1), not
+measured on this code; ``scripts/bench_kernels.py`` prints the per-M winner to confirm or move them.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import triton
+
+GEMV_MAX_M = 4  # M above this uses the tensor-core GEMM
+SPLIT_K_MAX_M = 64  # GEMM split-K configs only for M up to this
+DEQUANT_MATMUL_MIN_M = 1024  # M at or above this: dequantize once + cuBLAS
+
+# BLOCK_M * BLOCK_K * BLOCK_N elements of the GEMV broadcast product kept per program (registers).
+GEMV_MAX_PRODUCT = 16384
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in the numpy interpreter (read at call time, not import)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def m_bucket(m: int) -> int:
+    """Autotune bucket of M: next power of two, capped (1, 2, 4, ..., 256, 512+)."""
+    return min(triton.next_power_of_2(max(m, 1)), 512)
+
+
+def _cfg(num_warps: int, num_stages: int, **kwargs: int) -> triton.Config:
+    return triton.Config(kwargs, num_warps=num_warps, num_stages=num_stages)
+
+
+# --- interpreter configs: small, and chosen to exercise the general paths (split-K, masked tails) ---
+INTERPRET_DEQUANT = _cfg(1, 1, BLOCK_K=32, BLOCK_N=32)
+INTERPRET_GEMV = _cfg(1, 1, BLOCK_N=32, BLOCK_K=64, SPLIT_K=2)
+INTERPRET_GEMM = _cfg(1, 1, BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, SPLIT_K=1, GROUP_M=2)
+
+
+def dequant_configs() -> list[triton.Config]:
+    if interpreting():
+        return [INTERPRET_DEQUANT]
+    return [
+        _cfg(w, s, BLOCK_K=bk, BLOCK_N=bn)
+        for bk in (32, 64, 128)
+        for bn in (64, 128, 256)
+        for w in (4, 8)
+        for s in (2, 3)
+        if bk * bn <= 16384
+    ]
+
+
+def gemv_configs() -> list[triton.Config]:
+    if interpreting():
+        return [INTERPRET_GEMV]
+    return [
+        _cfg(w, s, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk)
+        for bn in (32, 64, 128, 256)
+        for bk in (32, 64, 128, 256)
+        for sk in (1, 2, 4, 8, 16)
+        for w in (2, 4, 8)
+        for s in (1, 2, 3)
+        if 2048 <= bn * bk <= GEMV_MAX_PRODUCT
+    ]
+
+
+def gemm_configs() -> list[triton.Config]:
+    if interpreting():
+        return [INTERPRET_GEMM]
+    configs = []
+    for bm, bn, bk, w, s in (
+        # skinny M (16..64): wide N tiles, deep K, split-K fills the SMs
+        (16, 64, 128, 4, 4),
+        (16, 128, 128, 4, 4),
+        (16, 256, 64, 4, 4),
+        (32, 64, 128, 4, 4),
+        (32, 128, 64, 4, 4),
+        (64, 64, 128, 4, 4),
+        (64, 128, 64, 4, 4),
+        # mid M (64..1024): tensor-core tiles (BLOCK_M >= 64 and 4/8 warps so Hopper can use wgmma)
+        (64, 128, 64, 4, 3),
+        (64, 256, 64, 8, 3),
+        (128, 128, 64, 8, 3),
+        (128, 128, 32, 4, 4),
+        (128, 256, 64, 8, 3),
+        (128, 64, 64, 4, 4),
+    ):
+        for sk in (1, 2, 4, 8):
+            configs.append(_cfg(w, s, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, GROUP_M=8))
+    return configs
+
+
+@functools.lru_cache(maxsize=8)
+def _num_sms(device_index: int) -> int:
+    import torch
+
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _sm_count(nargs: dict[str, Any]) -> int:
+    x = nargs.get("x_ptr")
+    if x is None or not hasattr(x, "device") or x.device.type != "cuda":
+        return 132  # H100 SXM; only reached outside CUDA (tests of the pruning itself)
+    return _num_sms(x.device.index or 0)
+
+
+def _k_valid(cfg: triton.Config, k: int) -> bool:
+    """BLOCK_K is not (much) longer than K, and every split gets at least two BLOCK_K steps."""
+    bk, sk = cfg.kwargs["BLOCK_K"], cfg.kwargs.get("SPLIT_K", 1)
+    if bk > max(16, triton.next_power_of_2(k)):
+        return False
+    return sk == 1 or triton.cdiv(k, bk) >= 2 * sk
+
+
+def _prefer(configs: list[triton.Config], good: Iterable[bool]) -> list[triton.Config]:
+    """Configs flagged good, or all of them if none is (pruning must never return nothing)."""
+    kept = [c for c, ok in zip(configs, good) if ok]
+    return kept or configs
+
+
+def _occupancy_filter(configs: list[triton.Config], programs: list[int], sms: int) -> list[triton.Config]:
+    """Keep configs that launch between one and eight waves of programs, when some do."""
+    return _prefer(configs, (sms <= p <= 8 * sms for p in programs))
+
+
+def prune_gemv(configs: list[triton.Config], nargs: dict[str, Any], **kwargs: Any) -> list[triton.Config]:
+    a = {**nargs, **kwargs}
+    n, k, gs, bm = a["N"], a["K"], a["GROUP_SIZE"], a["BLOCK_M"]
+    valid = [
+        c
+        for c in configs
+        if _k_valid(c, k)
+        and bm * c.kwargs["BLOCK_K"] * c.kwargs["BLOCK_N"] <= GEMV_MAX_PRODUCT
+        and c.kwargs["BLOCK_N"] <= max(32, triton.next_power_of_2(n))
+    ]
+    valid = valid or configs[:1]
+    valid = _prefer(valid, (gs % c.kwargs["BLOCK_K"] == 0 for c in valid))
+    programs = [triton.cdiv(n, c.kwargs["BLOCK_N"]) * c.kwargs["SPLIT_K"] for c in valid]
+    return _occupancy_filter(valid, programs, _sm_count(nargs))
+
+
+def prune_gemm(configs: list[triton.Config], nargs: dict[str, Any], **kwargs: Any) -> list[triton.Config]:
+    a = {**nargs, **kwargs}
+    m, n, k, gs = a["M"], a["N"], a["K"], a["GROUP_SIZE"]
+    bucket = m_bucket(m)
+    valid = []
+    for c in configs:
+        bm, sk = c.kwargs["BLOCK_M"], c.kwargs["SPLIT_K"]
+        if not _k_valid(c, k):
+            continue
+        if sk > 1 and m > SPLIT_K_MAX_M:
+            continue  # the launcher allocated no split-K workspace
+        if bm > max(16, bucket) or (bucket >= 128 and bm < 64):
+            continue
+        valid.append(c)
+    valid = valid or [c for c in configs if c.kwargs["SPLIT_K"] == 1][:1]
+    valid = _prefer(valid, (gs % c.kwargs["BLOCK_K"] == 0 for c in valid))
+    programs = [
+        triton.cdiv(m, c.kwargs["BLOCK_M"]) * triton.cdiv(n, c.kwargs["BLOCK_N"]) * c.kwargs["SPLIT_K"]
+        for c in valid
+    ]
+    return _occupancy_filter(valid, programs, _sm_count(nargs))
+
+
+def prune_dequant(configs: list[triton.Config], nargs: dict[str, Any], **kwargs: Any) -> list[triton.Config]:
+    gs = {**nargs, **kwargs}["GROUP_SIZE"]
+    return _prefer(configs, (gs % c.kwargs["BLOCK_K"] == 0 for c in configs))
+
+
+# --- tuned-config cache (JSON) ---------------------------------------------------------------------
+
+TUNED_FORMAT_VERSION = 1
+
+
+def _autotuners() -> dict[str, Any]:
+    from . import dequant, gemm, gemv
+
+    return {
+        "dequant": dequant._dequant_kernel_tuned,
+        "gemv": gemv._gemv_kernel_tuned,
+        "gemm": gemm._gemm_kernel_tuned,
+    }
+
+
+def _config_to_dict(cfg: triton.Config) -> dict[str, Any]:
+    return {"kwargs": dict(cfg.kwargs), "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+
+
+def dump_tuned(path: str | Path, device_name: str = "") -> dict[str, Any]:
+    """Write every autotuner's cache (key -> best config) to ``path`` as JSON; returns the data."""
+    data: dict[str, Any] = {"version": TUNED_FORMAT_VERSION, "device": device_name, "kernels": {}}
+    for name, tuner in _autotuners().items():
+        data["kernels"][name] = [
+            {"key": list(key), "config": _config_to_dict(cfg)} for key, cfg in tuner.cache.items()
+        ]
+    Path(path).write_text(json.dumps(data, indent=1))
+    return data
+
+
+def load_tuned(path: str | Path) -> int:
+    """Seed the autotuner caches from a ``dump_tuned`` file; returns the number of entries loaded."""
+    data = json.loads(Path(path).read_text())
+    if data.get("version") != TUNED_FORMAT_VERSION:
+        raise ValueError(f"{path}: tuned-config format {data.get('version')} != {TUNED_FORMAT_VERSION}")
+    tuners, count = _autotuners(), 0
+    for name, entries in data["kernels"].items():
+        for entry in entries:
+            c = entry["config"]
+            cfg = triton.Config(c["kwargs"], num_warps=c["num_warps"], num_stages=c["num_stages"])
+            tuners[name].cache[tuple(entry["key"])] = cfg
+            count += 1
+    return count

@@ -1,0 +1,269 @@
+"""Dequantize a kernel-layout weight to a dense W^T [K, N]; also the tile helpers the matmuls share.
+
+Layout (``layout.py``): ``qweight`` int32 [ceil(K*bits/32), N] packed along K, PACK = 32 // bits codes
+per word, code k at bits [bits*(k % PACK), ...) of word k // PACK; ``scales`` fp16 [G, N]; ``zeros``
+uint8 [G, N] (true zero points); group of k = k // group_size, the last group may be short.
+
+Decomposition of ``_dequant_kernel``: grid (cdiv(K, BLOCK_K), cdiv(N, BLOCK_N)); each program gathers
+the words of its [BLOCK_K, BLOCK_N] tile (row k reads word k // PACK: rows sharing a word hit the same
+cache line), shifts and masks out the codes, dequantizes with ``_dequantize_tile`` and stores the tile.
+
+Exactness: ``_dequantize_tile`` computes float32(scale) * (q - zero) exactly (an fp16 scale has 11
+significant bits, |q - zero| < 256) and rounds once to the output dtype, so the result is bitwise equal
+to ``dequantize_ref``. Integer -> float conversion uses the magic-number trick (no I2F instruction):
+- fp32: bits(0x4B000000 | q) is the float 2^23 + q; subtracting 2^23 + z (built the same way) gives
+  q - z exactly.
+- fp16 output: bits(0x6400 | q) is the half 1024 + q (exact for q < 1024); the half subtraction is
+  exact and the half multiply rounds the exact product once, i.e. the same as rounding the fp32
+  product -> bitwise equal as well, with packed half2 arithmetic on the GPU.
+bits = 3 (codes straddle words) is not supported by the Triton kernels; the launchers fall back to the
+reference for it (``SUPPORTED_BITS``).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .configs import dequant_configs, prune_dequant
+from .layout import dequantize_ref as _dequantize_ref
+
+SUPPORTED_BITS = (2, 4, 8)
+
+_FP32_MAGIC = tl.constexpr(0x4B000000)  # float32 bits of 2^23
+_FP16_MAGIC = tl.constexpr(0x6400)  # float16 bits of 1024
+
+
+@triton.jit
+def _dequantize_tile(codes, scale, zero, FP16_MATH: tl.constexpr):
+    """codes int32 [BK, BN] in [0, 2^bits), scale fp16 and zero uint8 broadcastable to it.
+
+    Returns float16 (FP16_MATH) or float32 scale * (codes - zero), exact before the final rounding.
+    """
+    if FP16_MATH:
+        q = (codes | _FP16_MAGIC).to(tl.int16).to(tl.float16, bitcast=True)  # 1024 + q
+        zm = (zero.to(tl.int32) | _FP16_MAGIC).to(tl.int16).to(tl.float16, bitcast=True)  # 1024 + z
+        w = (q - zm) * scale
+    else:
+        q = (codes | _FP32_MAGIC).to(tl.float32, bitcast=True)  # 2^23 + q
+        zm = (zero.to(tl.int32) | _FP32_MAGIC).to(tl.float32, bitcast=True)  # 2^23 + z
+        w = (q - zm) * scale.to(tl.float32)
+    return w
+
+
+@triton.jit
+def _load_weight_tile(
+    qweight_ptr,
+    scales_ptr,
+    zeros_ptr,
+    offs_k,
+    offs_n,
+    k0,
+    K,
+    N,
+    stride_qk,
+    stride_qn,
+    stride_sg,
+    stride_sn,
+    stride_zg,
+    stride_zn,
+    BITS: tl.constexpr,
+    GROUP_SIZE: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    EVEN_N: tl.constexpr,
+    FP16_MATH: tl.constexpr,
+    WEIGHT_EVICTION: tl.constexpr,
+):
+    """Dequantized W^T tile [BLOCK_K, BLOCK_N] for rows offs_k (= k0 + arange) and columns offs_n.
+
+    Rows k >= K (ragged tail, only when not EVEN_K) come out as finite values (code 0); the caller
+    zeroes the matching activations. If GROUP_SIZE % BLOCK_K == 0 the whole tile lies in group
+    k0 // GROUP_SIZE (k0 is a multiple of BLOCK_K) and scales/zeros are one [1, BLOCK_N] row per tile;
+    otherwise they are gathered per row (still exact for the ragged last group).
+    """
+    PACK: tl.constexpr = 32 // BITS
+    mask_k = offs_k < K
+    mask_n = offs_n < N
+    q_ptrs = qweight_ptr + (offs_k // PACK)[:, None] * stride_qk + offs_n[None, :] * stride_qn
+    if EVEN_K and EVEN_N:
+        words = tl.load(q_ptrs, eviction_policy=WEIGHT_EVICTION)
+    else:
+        mask = mask_k[:, None] & mask_n[None, :]
+        words = tl.load(q_ptrs, mask=mask, other=0, eviction_policy=WEIGHT_EVICTION)
+    codes = (words >> ((offs_k % PACK) * BITS)[:, None]) & ((1 << BITS) - 1)
+    if GROUP_SIZE % BLOCK_K == 0:
+        g = k0 // GROUP_SIZE
+        s_ptrs = scales_ptr + g * stride_sg + offs_n * stride_sn
+        z_ptrs = zeros_ptr + g * stride_zg + offs_n * stride_zn
+        if EVEN_N:
+            scale = tl.load(s_ptrs, eviction_policy=WEIGHT_EVICTION)[None, :]
+            zero = tl.load(z_ptrs, eviction_policy=WEIGHT_EVICTION)[None, :]
+        else:
+            scale = tl.load(s_ptrs, mask=mask_n, other=0.0, eviction_policy=WEIGHT_EVICTION)[None, :]
+            zero = tl.load(z_ptrs, mask=mask_n, other=0, eviction_policy=WEIGHT_EVICTION)[None, :]
+    else:
+        g = offs_k // GROUP_SIZE
+        s_ptrs = scales_ptr + g[:, None] * stride_sg + offs_n[None, :] * stride_sn
+        z_ptrs = zeros_ptr + g[:, None] * stride_zg + offs_n[None, :] * stride_zn
+        mask = mask_k[:, None] & mask_n[None, :]
+        scale = tl.load(s_ptrs, mask=mask, other=0.0, eviction_policy=WEIGHT_EVICTION)
+        zero = tl.load(z_ptrs, mask=mask, other=0, eviction_policy=WEIGHT_EVICTION)
+    return _dequantize_tile(codes, scale, zero, FP16_MATH)
+
+
+@triton.heuristics(
+    {
+        "EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0,
+        "EVEN_N": lambda a: a["N"] % a["BLOCK_N"] == 0,
+    }
+)
+@triton.jit
+def _dequant_kernel(
+    # pointers: qweight int32 [ceil(K*BITS/32), N], scales fp16 [G, N], zeros uint8 [G, N], out [K, N]
+    qweight_ptr,
+    scales_ptr,
+    zeros_ptr,
+    out_ptr,
+    # sizes
+    K,
+    N,
+    # strides
+    stride_qk,
+    stride_qn,
+    stride_sg,
+    stride_sn,
+    stride_zg,
+    stride_zn,
+    stride_ok,
+    stride_on,
+    # meta-parameters
+    BITS: tl.constexpr,
+    GROUP_SIZE: tl.constexpr,
+    FP16_MATH: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    EVEN_N: tl.constexpr,
+):
+    pid_k = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    k0 = pid_k * BLOCK_K
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    w = _load_weight_tile(
+        qweight_ptr, scales_ptr, zeros_ptr, offs_k, offs_n, k0, K, N,
+        stride_qk, stride_qn, stride_sg, stride_sn, stride_zg, stride_zn,
+        BITS, GROUP_SIZE, BLOCK_K, EVEN_K, EVEN_N, FP16_MATH, "evict_first",
+    )  # fmt: skip
+    out_ptrs = out_ptr + offs_k[:, None] * stride_ok + offs_n[None, :] * stride_on
+    w = w.to(out_ptr.dtype.element_ty)
+    if EVEN_K and EVEN_N:
+        tl.store(out_ptrs, w)
+    else:
+        tl.store(out_ptrs, w, mask=(offs_k < K)[:, None] & (offs_n < N)[None, :])
+
+
+_dequant_kernel_tuned = triton.autotune(
+    configs=dequant_configs(),
+    key=["K", "N", "BITS", "GROUP_SIZE"],
+    prune_configs_by={"early_config_prune": prune_dequant},
+)(_dequant_kernel)
+
+_TORCH_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def kernel_group_size(group_size: int | None, in_features: int) -> int:
+    """The group size the kernels see: per-channel (None, or >= K) becomes a multiple of 1024 >= K.
+
+    Any power-of-two BLOCK_K <= 1024 then divides it, so per-channel weights take the one-group-per-tile
+    path, and k // group_size is still 0 for every k < K.
+    """
+    if group_size is None or group_size >= in_features:
+        return triton.cdiv(max(in_features, 1), 1024) * 1024
+    return group_size
+
+
+def check_layout(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, k: int) -> None:
+    """Shape/dtype checks shared by the launchers (ValueError saying what is wrong)."""
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"Triton kernels support bits in {SUPPORTED_BITS}, got {bits}; use the reference")
+    n = qweight.shape[1]
+    if qweight.dtype != torch.int32 or qweight.shape[0] != triton.cdiv(k * bits, 32):
+        raise ValueError(
+            f"qweight must be int32 [{triton.cdiv(k * bits, 32)}, N] for K={k}, bits={bits}; "
+            f"got {qweight.dtype} {tuple(qweight.shape)}"
+        )
+    if scales.dtype != torch.float16 or zeros.dtype != torch.uint8:
+        raise ValueError(f"scales must be float16 and zeros uint8, got {scales.dtype}/{zeros.dtype}")
+    if scales.shape != zeros.shape or scales.shape[1] != n:
+        raise ValueError(f"scales/zeros must be [G, {n}], got {tuple(scales.shape)}/{tuple(zeros.shape)}")
+
+
+def check_interpretable(t: torch.Tensor) -> None:
+    """Triton on CPU tensors only works in the interpreter, which must be on before kernels import."""
+    interpreted = isinstance(_dequant_kernel.fn, triton.runtime.interpreter.InterpretedFunction)
+    if t.device.type == "cpu" and not interpreted:
+        raise RuntimeError(
+            "Triton kernels on CPU tensors need TRITON_INTERPRET=1 set before llmquant.kernels is imported"
+        )
+
+
+def dequant(
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    bits: int,
+    group_size: int | None,
+    in_features: int,
+    dtype: torch.dtype = torch.float32,
+    *,
+    config: triton.Config | None = None,
+) -> torch.Tensor:
+    """W^T [K, N] in ``dtype`` (permuted input order) from the kernel layout; == ``dequant_ref`` bitwise.
+
+    ``config`` pins the launch configuration (BLOCK_K, BLOCK_N); default: autotuned on GPU, the
+    interpreter config under TRITON_INTERPRET=1.
+    """
+    k, n = in_features, qweight.shape[1]
+    check_layout(qweight, scales, zeros, bits, k)
+    check_interpretable(qweight)
+    if dtype not in _TORCH_DTYPES:
+        raise ValueError(f"dtype must be one of {_TORCH_DTYPES}, got {dtype}")
+    out = torch.empty((k, n), dtype=dtype, device=qweight.device)
+    if k == 0 or n == 0:
+        return out
+    args = (
+        qweight, scales, zeros, out, k, n,
+        qweight.stride(0), qweight.stride(1), scales.stride(0), scales.stride(1),
+        zeros.stride(0), zeros.stride(1), out.stride(0), out.stride(1),
+    )  # fmt: skip
+    meta = {
+        "BITS": bits,
+        "GROUP_SIZE": kernel_group_size(group_size, k),
+        "FP16_MATH": dtype == torch.float16,
+    }
+
+    def grid(c: dict) -> tuple[int, int]:
+        return (triton.cdiv(k, c["BLOCK_K"]), triton.cdiv(n, c["BLOCK_N"]))
+
+    if config is None:
+        _dequant_kernel_tuned[grid](*args, **meta)
+    else:
+        _dequant_kernel[grid](*args, **meta, **config.all_kwargs())
+    return out
+
+
+def dequant_ref(
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    bits: int,
+    group_size: int | None,
+    in_features: int,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Reference (``layout.dequantize_ref``); ``group_size=None`` means per-channel."""
+    gs = in_features if group_size is None else group_size
+    return _dequantize_ref(qweight, scales, zeros, bits, gs, in_features, dtype=dtype)

@@ -1,0 +1,188 @@
+"""Tiled tensor-core quantized GEMM (M > ``GEMV_MAX_M``), with split-K for skinny M.
+
+y [M, N] = x[:, perm] [M, K] @ W^T [K, N] (+ bias), W in the kernel layout (``layout.py``), x fp16 /
+bf16 / fp32, accumulation in fp32, y in x's dtype. bits in {2, 4, 8}; any M, N, K (ragged K and
+ragged last group), any group_size (per-channel included).
+
+Decomposition of ``_gemm_kernel``: grid (cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N), SPLIT_K).
+
+- Program order: tiles are visited in groups of GROUP_M rows of M-tiles (Triton matmul tutorial), so
+  programs running together share weight tiles in L2 instead of each streaming its own.
+- Each program walks its contiguous K range in BLOCK_K steps: loads the [BLOCK_M, BLOCK_K] activation
+  tile (``evict_last``; act-order gathers columns via ``perm``), streams and dequantizes the
+  [BLOCK_K, BLOCK_N] weight tile (``dequant._load_weight_tile``: one scale/zero row per tile when
+  BLOCK_K divides group_size, magic-number int->float), rounds it to x's dtype and feeds both to
+  ``tl.dot`` with an fp32 accumulator (mma / wgmma; fp32 activations use exact "ieee" dots).
+  Weights are loaded ``evict_first`` when one M tile covers all rows (each weight byte read once),
+  with the default policy otherwise (other M tiles re-read them from L2).
+- Epilogue: bias (split 0), then a masked store in x's dtype (SPLIT_K == 1) or fp32 ``atomic_add``
+  into the zeroed workspace that the launcher casts (SPLIT_K > 1, only for M <= ``SPLIT_K_MAX_M``).
+
+Not done (possible follow-ups, see kernels-and-quality.md A.4): swapping A/B so weights fill the MMA
+M dimension at small M, persistent/stream-K scheduling, TMA descriptors.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._launch import finish, kernel_args, prepare
+from .configs import SPLIT_K_MAX_M, gemm_configs, m_bucket, prune_gemm
+from .dequant import _load_weight_tile
+from .layout import quant_matmul_ref
+
+
+@triton.heuristics(
+    {
+        "EVEN_K": lambda a: a["K"] % (a["BLOCK_K"] * a["SPLIT_K"]) == 0,
+        "EVEN_N": lambda a: a["N"] % a["BLOCK_N"] == 0,
+        "WEIGHT_EVICTION": lambda a: "evict_first" if a["M"] <= a["BLOCK_M"] else "",
+    }
+)
+@triton.jit
+def _gemm_kernel(
+    # pointers: x [M, K] (fp16/bf16/fp32), qweight int32 [ceil(K*BITS/32), N], scales fp16 [G, N],
+    # zeros uint8 [G, N], perm int [K], bias [N], y [M, N] (x's dtype), acc fp32 [M, N] contiguous
+    x_ptr,
+    qweight_ptr,
+    scales_ptr,
+    zeros_ptr,
+    perm_ptr,
+    bias_ptr,
+    y_ptr,
+    acc_ptr,
+    # sizes
+    M,
+    N,
+    K,
+    # strides
+    stride_xm,
+    stride_xk,
+    stride_qk,
+    stride_qn,
+    stride_sg,
+    stride_sn,
+    stride_zg,
+    stride_zn,
+    stride_ym,
+    stride_yn,
+    m_bucket,  # unused in the body: the autotune key's M bucket (configs.m_bucket)
+    # meta-parameters
+    BITS: tl.constexpr,
+    GROUP_SIZE: tl.constexpr,
+    FP16_MATH: tl.constexpr,
+    FP32_DOT: tl.constexpr,
+    HAS_PERM: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    EVEN_N: tl.constexpr,
+    WEIGHT_EVICTION: tl.constexpr,
+):
+    # ---- map program id -> (pid_m, pid_n), grouped for L2 reuse ------------------------------------
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    k_split = tl.cdiv(K, SPLIT_K * BLOCK_K) * BLOCK_K
+    k_start = pid_k * k_split
+    k_end = tl.minimum(k_start + k_split, K)
+
+    # ---- main loop: dequantize a weight tile, tensor-core dot, fp32 accumulate ---------------------
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        if HAS_PERM:
+            x_cols = tl.load(perm_ptr + offs_k, mask=mask_k, other=0, eviction_policy="evict_last")
+        else:
+            x_cols = offs_k
+        x_ptrs = x_ptr + offs_m[:, None] * stride_xm + x_cols[None, :] * stride_xk
+        x_mask = mask_m[:, None] if EVEN_K else mask_m[:, None] & mask_k[None, :]
+        x = tl.load(x_ptrs, mask=x_mask, other=0.0, eviction_policy="evict_last")
+        w = _load_weight_tile(
+            qweight_ptr, scales_ptr, zeros_ptr, offs_k, offs_n, k0, K, N,
+            stride_qk, stride_qn, stride_sg, stride_sn, stride_zg, stride_zn,
+            BITS, GROUP_SIZE, BLOCK_K, EVEN_K, EVEN_N, FP16_MATH, WEIGHT_EVICTION,
+        ).to(x.dtype)  # fmt: skip
+        if FP32_DOT:  # noqa: SIM108 -- static constexpr branch; fp32 needs exact "ieee" dots (default: tf32)
+            acc = tl.dot(x, w, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(x, w, acc)
+
+    # ---- epilogue: bias (split 0 only), store or atomic-add ----------------------------------------
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        acc += tl.where(pid_k == 0, bias, 0.0)[None, :]
+    mask = mask_m[:, None] & mask_n[None, :]
+    if SPLIT_K == 1:
+        y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+    else:
+        acc_ptrs = acc_ptr + offs_m[:, None] * N + offs_n[None, :]
+        tl.atomic_add(acc_ptrs, acc, mask=mask, sem="relaxed")
+
+
+_gemm_kernel_tuned = triton.autotune(
+    configs=gemm_configs(),
+    key=["N", "K", "m_bucket", "BITS", "GROUP_SIZE"],
+    prune_configs_by={"early_config_prune": prune_gemm},
+    reset_to_zero=["acc_ptr"],
+)(_gemm_kernel)
+
+
+def gemm(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    bits: int,
+    group_size: int | None,
+    perm: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    *,
+    config: triton.Config | None = None,
+) -> torch.Tensor:
+    """y [..., N] = x[..., perm] @ W^T (+ bias) for x [..., K], any number of rows.
+
+    ``config`` pins (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, GROUP_M, num_warps, num_stages); default:
+    autotuned on GPU per (N, K, M-bucket) (warm it up before CUDA-graph capture), the interpreter
+    config under TRITON_INTERPRET=1. An explicit SPLIT_K > 1 is honoured for any M.
+    """
+    rows = x.numel() // max(x.shape[-1], 1)
+    may_split = rows <= SPLIT_K_MAX_M or (config is not None and config.kwargs["SPLIT_K"] > 1)
+    launch = prepare(x, qweight, scales, zeros, bits, group_size, perm, bias, may_split=may_split)
+    m, n = launch.m, qweight.shape[1]
+    if m == 0 or n == 0 or x.shape[-1] == 0:
+        return quant_matmul_ref(x, qweight, scales, zeros, bits, group_size or x.shape[-1], perm, bias)
+    args = kernel_args(launch, qweight, scales, zeros, perm, bias)
+
+    def grid(c: dict) -> tuple[int, int]:
+        return (triton.cdiv(m, c["BLOCK_M"]) * triton.cdiv(n, c["BLOCK_N"]), c["SPLIT_K"])
+
+    if config is None:
+        _gemm_kernel_tuned[grid](*args, **launch.meta, m_bucket=m_bucket(m))
+        config = _gemm_kernel_tuned.best_config
+    else:
+        _gemm_kernel[grid](*args, **launch.meta, m_bucket=m_bucket(m), **config.all_kwargs())
+    return finish(launch, config)
+
+
+gemm_ref = quant_matmul_ref

@@ -1,0 +1,177 @@
+"""Split-K GEMV for skinny activations (M = 1..16 rows; dispatched for M <= ``GEMV_MAX_M``).
+
+y [M, N] = x[:, perm] [M, K] @ W^T [K, N] (+ bias), W in the kernel layout (``layout.py``), x fp16 /
+bf16 / fp32, accumulation in fp32, y in x's dtype. bits in {2, 4, 8}; any K (ragged K and ragged last
+group), any N, any group_size (per-channel included).
+
+Decomposition of ``_gemv_kernel``: grid (cdiv(N, BLOCK_N), SPLIT_K). Program (n, s) owns output columns
+[n*BLOCK_N, (n+1)*BLOCK_N) for all M rows (BLOCK_M = next_power_of_2(M) <= 16) and the contiguous
+K range s*K_SPLIT .. (s+1)*K_SPLIT, K_SPLIT a multiple of BLOCK_K. Per BLOCK_K step it
+
+1. streams a [BLOCK_K, BLOCK_N] tile of packed weights (``evict_first``: read exactly once) and its
+   group's scales/zeros (one row per tile when BLOCK_K divides group_size),
+2. dequantizes it with the magic-number int->float trick (``dequant._dequantize_tile``; fp16 math for
+   fp16 activations, fp32 otherwise),
+3. loads the [BLOCK_M, BLOCK_K] activation tile (``evict_last``: every program re-reads x; act-order
+   gathers columns through ``perm`` here, so x is never permuted in memory) and accumulates
+   ``sum_k x[m, k] * w[k, n]`` on CUDA cores (broadcast product + ``tl.sum``; no tensor cores, which
+   would pad M to 16).
+
+The fp32 partial sums are stored directly (SPLIT_K == 1) or ``atomic_add``-ed into a zeroed fp32
+workspace that the launcher casts to x's dtype (SPLIT_K > 1; lets a handful of output tiles fill all
+SMs). Bias is added by split 0 only.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._launch import finish, kernel_args, prepare
+from .configs import gemv_configs, prune_gemv
+from .dequant import _load_weight_tile
+from .layout import quant_matmul_ref
+
+GEMV_MAX_BLOCK_M = 16
+
+
+@triton.heuristics(
+    {
+        "EVEN_K": lambda a: a["K"] % (a["BLOCK_K"] * a["SPLIT_K"]) == 0,
+        "EVEN_N": lambda a: a["N"] % a["BLOCK_N"] == 0,
+    }
+)
+@triton.jit
+def _gemv_kernel(
+    # pointers: x [M, K] (fp16/bf16/fp32), qweight int32 [ceil(K*BITS/32), N], scales fp16 [G, N],
+    # zeros uint8 [G, N], perm int [K], bias [N], y [M, N] (x's dtype), acc fp32 [M, N] contiguous
+    x_ptr,
+    qweight_ptr,
+    scales_ptr,
+    zeros_ptr,
+    perm_ptr,
+    bias_ptr,
+    y_ptr,
+    acc_ptr,
+    # sizes
+    M,
+    N,
+    K,
+    # strides
+    stride_xm,
+    stride_xk,
+    stride_qk,
+    stride_qn,
+    stride_sg,
+    stride_sn,
+    stride_zg,
+    stride_zn,
+    stride_ym,
+    stride_yn,
+    # meta-parameters
+    BITS: tl.constexpr,
+    GROUP_SIZE: tl.constexpr,
+    FP16_MATH: tl.constexpr,
+    FP32_DOT: tl.constexpr,  # unused here (no tl.dot); shared flag set
+    HAS_PERM: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    EVEN_N: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+
+    # ---- this program's columns and contiguous K range --------------------------------------------
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    k_split = tl.cdiv(K, SPLIT_K * BLOCK_K) * BLOCK_K
+    k_start = pid_k * k_split
+    k_end = tl.minimum(k_start + k_split, K)
+
+    # ---- stream weights, accumulate in fp32 --------------------------------------------------------
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        w = _load_weight_tile(
+            qweight_ptr, scales_ptr, zeros_ptr, offs_k, offs_n, k0, K, N,
+            stride_qk, stride_qn, stride_sg, stride_sn, stride_zg, stride_zn,
+            BITS, GROUP_SIZE, BLOCK_K, EVEN_K, EVEN_N, FP16_MATH, "evict_first",
+        )  # fmt: skip
+        if HAS_PERM:
+            x_cols = tl.load(perm_ptr + offs_k, mask=mask_k, other=0, eviction_policy="evict_last")
+        else:
+            x_cols = offs_k
+        x_ptrs = x_ptr + offs_m[:, None] * stride_xm + x_cols[None, :] * stride_xk
+        x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0, eviction_policy="evict_last")
+        w = w.to(x.dtype)  # round W to the activation dtype once, as the reference does
+        # [BLOCK_M, BLOCK_K, 1] * [1, BLOCK_K, BLOCK_N] -> sum over K -> [BLOCK_M, BLOCK_N]
+        acc += tl.sum(x.to(tl.float32)[:, :, None] * w.to(tl.float32)[None, :, :], axis=1)
+
+    # ---- epilogue: bias (split 0 only), store or atomic-add ----------------------------------------
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        acc += tl.where(pid_k == 0, bias, 0.0)[None, :]
+    mask = mask_m[:, None] & mask_n[None, :]
+    if SPLIT_K == 1:
+        y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+    else:
+        acc_ptrs = acc_ptr + offs_m[:, None] * N + offs_n[None, :]
+        tl.atomic_add(acc_ptrs, acc, mask=mask, sem="relaxed")
+
+
+_gemv_kernel_tuned = triton.autotune(
+    configs=gemv_configs(),
+    key=["N", "K", "BLOCK_M", "BITS", "GROUP_SIZE"],
+    prune_configs_by={"early_config_prune": prune_gemv},
+    reset_to_zero=["acc_ptr"],
+)(_gemv_kernel)
+
+
+def gemv(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    bits: int,
+    group_size: int | None,
+    perm: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    *,
+    config: triton.Config | None = None,
+) -> torch.Tensor:
+    """y [..., N] = x[..., perm] @ W^T (+ bias) for x [..., K] with at most 16 rows in total.
+
+    ``config`` pins (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages); default: autotuned on GPU
+    (warm it up before CUDA-graph capture), the interpreter config under TRITON_INTERPRET=1.
+    """
+    rows = x.numel() // max(x.shape[-1], 1)
+    if rows > GEMV_MAX_BLOCK_M:
+        raise ValueError(f"gemv handles at most {GEMV_MAX_BLOCK_M} rows, got {rows}; use gemm")
+    launch = prepare(x, qweight, scales, zeros, bits, group_size, perm, bias, may_split=True)
+    m, n = launch.m, qweight.shape[1]
+    if m == 0 or n == 0 or x.shape[-1] == 0:
+        return quant_matmul_ref(x, qweight, scales, zeros, bits, group_size or x.shape[-1], perm, bias)
+    args = kernel_args(launch, qweight, scales, zeros, perm, bias)
+    meta = {**launch.meta, "BLOCK_M": max(triton.next_power_of_2(m), 1)}
+
+    def grid(c: dict) -> tuple[int, int]:
+        return (triton.cdiv(n, c["BLOCK_N"]), c["SPLIT_K"])
+
+    if config is None:
+        _gemv_kernel_tuned[grid](*args, **meta)
+        config = _gemv_kernel_tuned.best_config
+    else:
+        _gemv_kernel[grid](*args, **meta, **config.all_kwargs())
+    return finish(launch, config)
+
+
+gemv_ref = quant_matmul_ref

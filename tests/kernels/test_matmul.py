@@ -1,0 +1,80 @@
+"""gemv / gemm kernels (via quant_matmul(backend="triton") and directly) == quant_matmul_ref."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import triton
+from kernel_helpers import TOLERANCES, make_layout
+from llmquant.kernels import gemm, gemv, quant_matmul, quant_matmul_ref
+
+# (M, N, K, group_size, bits, sym, act_order, bias): every M in {1, 3, 16, 33}, N in {8, 24, 72}, each
+# K kind (64, 96 = ragged BLOCK_K tail, 576/g128 = ragged last group, 160/g32 = BLOCK_K > group),
+# every bit width, sym/asym, per-channel, act-order and bias, without a full cartesian product
+# (the interpreter is slow).
+CASES = [
+    (1, 24, 576, 128, 4, True, False, False),
+    (1, 8, 160, 32, 2, False, True, True),
+    (1, 72, 96, None, 8, False, False, True),
+    (3, 24, 64, 64, 4, False, True, False),
+    (3, 72, 576, 128, 8, True, True, True),
+    (3, 8, 96, 32, 2, True, False, False),
+    (16, 72, 160, 32, 4, False, False, True),
+    (16, 24, 96, None, 2, True, True, False),
+    (16, 8, 576, 128, 8, False, True, False),
+    (33, 24, 576, 128, 4, False, True, True),
+    (33, 8, 64, None, 2, False, False, False),
+    (33, 72, 160, 32, 8, True, False, True),
+]
+
+
+def _check(y: torch.Tensor, x: torch.Tensor, lay: dict, bits: int, gs: int | None, bias) -> None:
+    gs = gs or x.shape[-1]
+    ref = quant_matmul_ref(x, lay["qweight"], lay["scales"], lay["zeros"], bits, gs, lay["perm"], bias)
+    assert y.shape == ref.shape and y.dtype == ref.dtype
+    torch.testing.assert_close(y, ref, **TOLERANCES[x.dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize(("m", "n", "k", "gs", "bits", "sym", "act_order", "has_bias"), CASES)
+def test_quant_matmul_triton(m, n, k, gs, bits, sym, act_order, has_bias, dtype, gen) -> None:  # noqa: ANN001
+    lay = make_layout(n, k, bits, gs, sym, act_order=act_order)
+    x = torch.randn(m, k, generator=gen).to(dtype)
+    bias = torch.randn(n, generator=gen).to(dtype) if has_bias else None
+    q = (lay["qweight"], lay["scales"], lay["zeros"])
+    y = quant_matmul(x, *q, bits, gs, lay["perm"], bias, backend="triton")
+    _check(y, x, lay, bits, gs, bias)
+
+
+@pytest.mark.parametrize(
+    ("op", "m", "config"),
+    [
+        (gemv, 16, triton.Config({"BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": 1})),  # widest GEMV, no split
+        (gemv, 2, triton.Config({"BLOCK_N": 64, "BLOCK_K": 16, "SPLIT_K": 4})),  # 4 splits, BLOCK_K < gs
+        (gemm, 1, triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": 3, "GROUP_M": 1})),
+        (gemm, 40, triton.Config({"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 128, "SPLIT_K": 1, "GROUP_M": 2})),
+    ],
+)
+def test_kernel_configs(op, m: int, config: triton.Config, gen) -> None:  # noqa: ANN001
+    """Split-K on/off, BLOCK_K spanning or subdividing groups, grouped program order: same result."""
+    n, k, gs, bits = 40, 576, 128, 4
+    lay = make_layout(n, k, bits, gs, sym=False, act_order=True)
+    x = torch.randn(m, k, generator=gen, dtype=torch.float32)
+    bias = torch.randn(n, generator=gen)
+    y = op(x, lay["qweight"], lay["scales"], lay["zeros"], bits, gs, lay["perm"], bias, config=config)
+    _check(y, x, lay, bits, gs, bias)
+
+
+def test_leading_dims_and_noncontiguous_x(gen) -> None:  # noqa: ANN001
+    n, k, gs, bits = 24, 64, 32, 4
+    lay = make_layout(n, k, bits, gs, sym=True)
+    x = torch.randn(2, 2, 2 * k, generator=gen, dtype=torch.float16)[..., ::2]  # [2, 2, K], stride 2
+    y = quant_matmul(x, lay["qweight"], lay["scales"], lay["zeros"], bits, gs, backend="triton")
+    assert y.shape == (2, 2, n)
+    _check(y, x, lay, bits, gs, None)
+
+
+def test_gemv_rejects_many_rows() -> None:
+    lay = make_layout(8, 64, 4, 32, sym=True)
+    with pytest.raises(ValueError, match="at most 16 rows"):
+        gemv(torch.randn(17, 64), lay["qweight"], lay["scales"], lay["zeros"], 4, 32)
