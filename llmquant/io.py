@@ -295,15 +295,19 @@ def save_quantized(
     extra_meta: dict[str, Any] | None = None,
     tokenizer: Any = None,
     max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
+    extra_files: dict[str, dict[str, Any]] | None = None,
 ) -> Path:
     """Write ``model`` with the modules in ``quantized`` packed in ``format``; verify by reading back.
 
     Tensors: every ``model.state_dict()`` entry except those of quantized modules (their ``bias`` is
     kept) and tied duplicates, plus ``<module>.<suffix>`` for each packed tensor. Files: config.json
-    (``model.config`` + ``quantization_config``), generation_config.json, the format's extra files,
-    tokenizer files. The checkpoint is read back before it is moved into place: every quantized module
-    must unpack to a bit-identical weight and every other tensor must match exactly, otherwise
-    :class:`CheckpointVerificationError` is raised and nothing is left at ``out_dir``.
+    (``model.config`` + ``quantization_config``), generation_config.json, the format's extra files
+    (e.g. quantize_config.json), the caller's ``extra_files`` (name -> JSON content), tokenizer files.
+    ``act_order``/``static_groups`` are the user's options; whether a g_idx permutation is stored is
+    derived from them (``stores_permutation``). The checkpoint is read back before it is moved into
+    place: every quantized module must unpack to a bit-identical weight and every other tensor must
+    match exactly, otherwise :class:`CheckpointVerificationError` is raised and nothing is left at
+    ``out_dir``.
     """
     fmt = get_format(format)
     fmt.check_scheme(scheme, act_order=stores_permutation(act_order, static_groups))
@@ -332,6 +336,10 @@ def save_quantized(
     generation = _generation_config_dict(model)
     if generation is not None:
         extra["generation_config.json"] = generation
+    for name, content in (extra_files or {}).items():
+        if name in extra or name == CONFIG_FILE:
+            raise ValueError(f"extra file {name!r} clashes with a file save_quantized writes")
+        extra[name] = content
 
     def verify(tmp: Path) -> None:
         _verify_checkpoint(tmp, fmt, scheme, quantized, plain, set(packed))
@@ -353,6 +361,10 @@ def save_quantized(
 
 def _check_modules(model: nn.Module, quantized: dict[str, QuantizedWeight]) -> None:
     """Every quantized name is a module of ``model``; an nn.Linear's weight must match the codes' shape."""
+    if "lm_head" in quantized:
+        raise ValueError(
+            "quantized lm_head is not supported by the written configs (lm_head: false); keep it float"
+        )
     for name, qw in quantized.items():
         try:
             module = model.get_submodule(name)

@@ -217,7 +217,9 @@ def test_save_quantized_act_order_sharded_untied(make_tiny_llama, tmp_path: Path
         act_order=True,
         method="gptq",
         max_shard_size=20_000,
+        extra_files={"quant_log.json": {"modules": []}},
     )
+    assert json.loads((out / "quant_log.json").read_text()) == {"modules": []}
     assert (out / "model.safetensors.index.json").is_file()
     index = read_checkpoint_index(out)
     assert "lm_head.weight" in index  # untied: kept
@@ -229,6 +231,26 @@ def test_save_quantized_act_order_sharded_untied(make_tiny_llama, tmp_path: Path
             model, quantized, tmp_path / "a", format="awq", scheme=scheme, act_order=True, method="gptq"
         )
     assert not (tmp_path / "a").exists()
+    with pytest.raises(ValueError, match="clashes"):
+        save_quantized(
+            model,
+            quantized,
+            tmp_path / "b",
+            format="gptq",
+            scheme=scheme,
+            method="rtn",
+            extra_files={"quantize_config.json": {}},
+        )
+    with pytest.raises(ValueError, match="lm_head"):
+        save_quantized(
+            model,
+            {"lm_head": quantize_weight(model.lm_head.weight.data, scheme)},
+            tmp_path / "c",
+            format="gptq",
+            scheme=scheme,
+            method="rtn",
+        )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]
 
 
 def test_corrupted_pack_raises_and_leaves_nothing(
