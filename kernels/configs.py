@@ -195,13 +195,12 @@ TUNED_FORMAT_VERSION = 1
 
 
 def _autotuners() -> dict[str, Any]:
-    from . import dequant, gemm, gemv
+    # (``from . import gemv`` would give the launcher function the package re-exports, not the module)
+    from .dequant import _dequant_kernel_tuned
+    from .gemm import _gemm_kernel_tuned
+    from .gemv import _gemv_kernel_tuned
 
-    return {
-        "dequant": dequant._dequant_kernel_tuned,
-        "gemv": gemv._gemv_kernel_tuned,
-        "gemm": gemm._gemm_kernel_tuned,
-    }
+    return {"dequant": _dequant_kernel_tuned, "gemv": _gemv_kernel_tuned, "gemm": _gemm_kernel_tuned}
 
 
 def _config_to_dict(cfg: triton.Config) -> dict[str, Any]:

@@ -1,0 +1,82 @@
+"""Autotune config lists, pruning and the tuned-config JSON cache (pure host code)."""
+
+from __future__ import annotations
+
+import llmquant.kernels.configs as configs
+import pytest
+import triton
+from llmquant.kernels.gemv import _gemv_kernel_tuned
+
+
+@pytest.fixture
+def gpu_lists(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Build the GPU config lists even under the interpreter."""
+    monkeypatch.setattr(configs, "interpreting", lambda: False)
+
+
+def test_m_bucket() -> None:
+    assert [configs.m_bucket(m) for m in (0, 1, 2, 3, 16, 17, 100, 512, 4096)] == [
+        1,
+        1,
+        2,
+        4,
+        16,
+        32,
+        128,
+        512,
+        512,
+    ]
+
+
+def test_interpreter_collapses_to_one_config() -> None:
+    assert configs.interpreting()
+    assert configs.gemv_configs() == [configs.INTERPRET_GEMV]
+    assert configs.gemm_configs() == [configs.INTERPRET_GEMM]
+    assert configs.dequant_configs() == [configs.INTERPRET_DEQUANT]
+
+
+@pytest.mark.parametrize(("n", "k", "gs", "m"), [(4096, 4096, 128, 1), (11008, 4096, 128, 4), (8, 96, 32, 2)])
+def test_prune_gemv(gpu_lists: None, n: int, k: int, gs: int, m: int) -> None:
+    block_m = triton.next_power_of_2(m)
+    kept = configs.prune_gemv(configs.gemv_configs(), {"N": n, "K": k}, GROUP_SIZE=gs, BLOCK_M=block_m)
+    assert kept
+    for c in kept:
+        assert block_m * c.kwargs["BLOCK_K"] * c.kwargs["BLOCK_N"] <= configs.GEMV_MAX_PRODUCT
+        assert c.kwargs["SPLIT_K"] == 1 or triton.cdiv(k, c.kwargs["BLOCK_K"]) >= 2 * c.kwargs["SPLIT_K"]
+    if k >= 1024:
+        assert all(gs % c.kwargs["BLOCK_K"] == 0 for c in kept)  # one scale row per tile
+
+
+@pytest.mark.parametrize("m", [5, 16, 64, 65, 512])
+def test_prune_gemm(gpu_lists: None, m: int) -> None:
+    kept = configs.prune_gemm(configs.gemm_configs(), {"M": m, "N": 4096, "K": 4096}, GROUP_SIZE=128)
+    assert kept
+    assert all(128 % c.kwargs["BLOCK_K"] == 0 for c in kept)
+    if m > configs.SPLIT_K_MAX_M:
+        assert all(c.kwargs["SPLIT_K"] == 1 for c in kept)  # no workspace is allocated there
+    if m >= 128:
+        assert all(c.kwargs["BLOCK_M"] >= 64 for c in kept)
+
+
+def test_prune_never_empty(gpu_lists: None) -> None:
+    assert configs.prune_gemm(configs.gemm_configs(), {"M": 1, "N": 1, "K": 1}, GROUP_SIZE=1024)
+    assert configs.prune_gemv(configs.gemv_configs(), {"N": 1, "K": 1}, GROUP_SIZE=1024, BLOCK_M=16)
+    assert configs.prune_dequant(configs.dequant_configs(), {}, GROUP_SIZE=3)
+
+
+def test_dump_and_load_tuned(tmp_path) -> None:  # noqa: ANN001
+    key = (4096, 4096, 1, 4, 128, "torch.float16", "torch.int32")
+    cfg = triton.Config({"BLOCK_N": 128, "BLOCK_K": 128, "SPLIT_K": 4}, num_warps=4, num_stages=2)
+    saved = dict(_gemv_kernel_tuned.cache)
+    try:
+        _gemv_kernel_tuned.cache.clear()
+        _gemv_kernel_tuned.cache[key] = cfg
+        path = tmp_path / "h100.json"
+        configs.dump_tuned(path, device_name="test")
+        _gemv_kernel_tuned.cache.clear()
+        assert configs.load_tuned(path) == 1
+        got = _gemv_kernel_tuned.cache[key]
+        assert (got.kwargs, got.num_warps, got.num_stages) == (cfg.kwargs, 4, 2)
+    finally:
+        _gemv_kernel_tuned.cache.clear()
+        _gemv_kernel_tuned.cache.update(saved)
