@@ -75,14 +75,24 @@ def dequant_configs() -> list[triton.Config]:
 def gemv_configs() -> list[triton.Config]:
     if interpreting():
         return [INTERPRET_GEMV]
+    # (BLOCK_N, BLOCK_K) tiles x split-K; prune_gemv drops what the M bucket's registers or the
+    # grid's occupancy rule out, so a shape times a dozen or two of these, not all 50.
+    tiles = (
+        (16, 64),
+        (32, 64),
+        (32, 128),
+        (32, 256),
+        (64, 64),
+        (64, 128),
+        (64, 256),
+        (128, 64),
+        (128, 128),
+        (256, 64),
+    )
     return [
-        _cfg(w, s, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk)
-        for bn in (32, 64, 128, 256)
-        for bk in (32, 64, 128, 256)
+        _cfg(4 if bn * bk <= 8192 else 8, 2, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk)
+        for bn, bk in tiles
         for sk in (1, 2, 4, 8, 16)
-        for w in (2, 4, 8)
-        for s in (1, 2, 3)
-        if 2048 <= bn * bk <= GEMV_MAX_PRODUCT
     ]
 
 
