@@ -1,0 +1,279 @@
+"""GPTQ properties: H = I is RTN, blocked == naive reference, beats RTN on correlated activations,
+act_order/static_groups bookkeeping, damp recovery and RTN fallback, dead columns, Hessian accumulation."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from llmquant.config import GPTQConfig, QuantScheme
+from llmquant.gptq import accumulate_hessian, gptq_quantize, hessian_init, hessian_weighted_error
+from llmquant.grid import compute_qparams, dequantize_codes, group_qparams, quantize_codes, quantize_weight
+from llmquant.qtensor import trivial_g_idx
+
+
+def correlated_hessian(k: int, tokens: int, seed: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Normalised H of X = Z @ A, A with singular values spanning 1e3 (iid X would give H ≈ cI)."""
+    gen = torch.Generator().manual_seed(seed)
+    U, _ = torch.linalg.qr(torch.randn(k, k, generator=gen, dtype=torch.float64))
+    A = U * torch.logspace(0, -3, k, dtype=torch.float64)  # [K, K]: orthogonal columns, scaled
+    X = torch.randn(tokens, k, generator=gen, dtype=torch.float64) @ A.T  # [tokens, K]
+    H, n = hessian_init(k, dtype=dtype)
+    H, n = accumulate_hessian(H, n, X)
+    return H / n
+
+
+def random_weight(n: int, k: int, seed: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return torch.randn(n, k, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+def naive_gptq(W, H, scheme, damp, act_order):
+    """Column-by-column GPTQ, dynamic groups, float64 -> (codes [N, K], Q [N, K]), original order."""
+    k = W.shape[1]
+    gs = scheme.group_size or k
+    perm = torch.argsort(H.diagonal(), descending=True, stable=True) if act_order else torch.arange(k)
+    W, H = W[:, perm].clone(), H[perm][:, perm].clone()
+    H += damp * H.diagonal().mean() * torch.eye(k, dtype=H.dtype)
+    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    codes, Q = torch.zeros_like(W), torch.zeros_like(W)
+    for j in range(k):
+        if j % gs == 0:
+            scale, zero = group_qparams(W[:, j : j + gs], scheme.bits, scheme.sym)
+        codes[:, j] = quantize_codes(W[:, j], scale[:, 0], zero[:, 0], scheme.bits)
+        Q[:, j] = dequantize_codes(codes[:, j], scale[:, 0], zero[:, 0]).double()
+        W[:, j:] -= torch.outer((W[:, j] - Q[:, j]) / U[j, j], U[j, j:])
+    inv = torch.argsort(perm)
+    return codes[:, inv], Q[:, inv]
+
+
+def damped(H: torch.Tensor, damp: float) -> torch.Tensor:
+    return H + damp * H.diagonal().mean() * torch.eye(H.shape[0], dtype=H.dtype)
+
+
+# 1. H = I: no error feedback, so GPTQ is exactly RTN ------------------------------------------------
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("sym", [True, False])
+@pytest.mark.parametrize("group_size", [32, None])
+@pytest.mark.parametrize("k", [96, 101])
+def test_identity_hessian_equals_rtn(bits, sym, group_size, k):
+    scheme = QuantScheme(bits, group_size, sym)
+    W = random_weight(24, k, seed=bits * 7 + k)
+    result = gptq_quantize(W, torch.eye(k), GPTQConfig(scheme, block_size=16))
+    rtn = quantize_weight(W, scheme)
+    assert torch.equal(result.weight.codes, rtn.codes)
+    assert torch.equal(result.weight.scales, rtn.scales)
+    assert torch.equal(result.weight.zeros, rtn.zeros)
+    assert result.fallback is None and result.damp == 0.01 and result.dead_columns == 0
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_identity_hessian_equals_rtn_with_mse_clip(act_order):
+    scheme = QuantScheme(3, 32, sym=False)
+    W = random_weight(24, 101, seed=1)
+    result = gptq_quantize(W, torch.eye(101), GPTQConfig(scheme, mse_clip=True, act_order=act_order))
+    assert result.weight.equal(quantize_weight(W, scheme, mse=True))
+
+
+# 2. blocked == naive column-by-column reference (float64 removes rounding ties) -----------------------
+
+
+@pytest.fixture(scope="module")
+def problem64():
+    return random_weight(20, 70, seed=3, dtype=torch.float64), correlated_hessian(
+        70, 512, seed=4, dtype=torch.float64
+    )
+
+
+@pytest.mark.parametrize("block_size", [1, 4, 7, 128])
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("scheme", [QuantScheme(4, 16, sym=False), QuantScheme(3, None, sym=True)])
+def test_blocked_matches_naive_reference(problem64, block_size, act_order, scheme):
+    W, H = problem64
+    config = GPTQConfig(scheme, block_size=block_size, act_order=act_order)
+    result = gptq_quantize(W, H, config)
+    codes, Q = naive_gptq(W, H, scheme, config.damp, act_order)
+    assert torch.equal(result.weight.codes, codes.to(torch.uint8))
+    # what is stored dequantizes to exactly the Q whose error was fed back
+    assert torch.equal(result.weight.dequantize(torch.float64), Q)
+    # the accounted GPTQ objective is ½ tr((W - Q) H_damped (W - Q)ᵀ)
+    assert result.loss == pytest.approx(hessian_weighted_error(W, Q, damped(H, config.damp)) / 2, rel=1e-9)
+    assert result.hessian_error == pytest.approx(hessian_weighted_error(W, Q, H), rel=1e-12)
+
+
+def test_float32_block_size_changes_only_rounding():
+    W, H = random_weight(64, 200, seed=5), correlated_hessian(200, 1024, seed=6)
+    a = gptq_quantize(W, H, GPTQConfig(QuantScheme(4, 32), block_size=128))
+    b = gptq_quantize(W, H, GPTQConfig(QuantScheme(4, 32), block_size=5))
+    assert (a.weight.codes != b.weight.codes).float().mean() < 0.01
+    assert a.hessian_error == pytest.approx(b.hessian_error, rel=0.02)
+
+
+# 3. GPTQ beats RTN where it should: correlated activations ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def problem32():
+    return random_weight(64, 160, seed=7), correlated_hessian(160, 1024, seed=8)
+
+
+@pytest.mark.parametrize("sym", [True, False])
+@pytest.mark.parametrize("group_size", [32, None])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_beats_rtn_on_correlated_activations(problem32, sym, group_size, act_order):
+    W, H = problem32
+    scheme = QuantScheme(4, group_size, sym)
+    rtn_error = hessian_weighted_error(W, quantize_weight(W, scheme).dequantize(), H)
+    result = gptq_quantize(W, H, GPTQConfig(scheme, act_order=act_order))
+    assert result.hessian_error < 0.8 * rtn_error
+    assert result.hessian_error == pytest.approx(hessian_weighted_error(W, result.weight.dequantize(), H))
+
+
+@pytest.mark.parametrize("sym", [True, False])
+def test_mse_clip_not_worse_than_rtn(problem32, sym):
+    W, H = problem32
+    scheme = QuantScheme(3, 32, sym)
+    result = gptq_quantize(W, H, GPTQConfig(scheme, mse_clip=True))
+    for mse in (False, True):
+        assert result.hessian_error < hessian_weighted_error(
+            W, quantize_weight(W, scheme, mse=mse).dequantize(), H
+        )
+
+
+# 4. act_order bookkeeping -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("k", [128, 140])
+def test_act_order_g_idx_is_permutation_derived(k):
+    W, H = random_weight(16, k, seed=9), correlated_hessian(k, 512, seed=10)
+    H = H * torch.linspace(0.5, 2.0, k).sqrt().outer(torch.linspace(0.5, 2.0, k).sqrt())  # vary diag(H)
+    result = gptq_quantize(W, H, GPTQConfig(QuantScheme(4, 32), act_order=True))
+    g_idx = result.weight.g_idx
+    assert g_idx is not None and g_idx.dtype == torch.int32 and not result.weight.has_trivial_g_idx()
+    sizes = torch.bincount(g_idx.long()).tolist()
+    assert sizes == [32] * (k // 32) + ([k % 32] if k % 32 else [])
+    perm = torch.argsort(H.diagonal(), descending=True, stable=True)
+    assert torch.equal(g_idx.long(), torch.argsort(perm) // 32)
+    # group members are consecutive in descending diag(H) order
+    for g in range(len(sizes)):
+        assert torch.equal(
+            torch.sort(torch.nonzero(g_idx == g)[:, 0]).values, torch.sort(perm[g * 32 : (g + 1) * 32]).values
+        )
+
+
+def test_static_groups_trivial_g_idx_and_upfront_grids(problem32):
+    W, H = problem32
+    scheme = QuantScheme(4, 32, sym=False)
+    result = gptq_quantize(W, H, GPTQConfig(scheme, act_order=True, static_groups=True))
+    assert result.weight.has_trivial_g_idx()
+    scales, zeros = compute_qparams(W, scheme)  # grids from the unpermuted weight, contiguous groups
+    assert torch.equal(result.weight.scales, scales) and torch.equal(result.weight.zeros, zeros)
+    assert result.hessian_error < 0.8 * hessian_weighted_error(W, quantize_weight(W, scheme).dequantize(), H)
+
+
+def test_static_groups_identity_hessian_equals_rtn():
+    scheme = QuantScheme(4, 32, sym=True)
+    W = random_weight(8, 100, seed=11)
+    result = gptq_quantize(W, torch.eye(100), GPTQConfig(scheme, act_order=True, static_groups=True))
+    assert result.weight.equal(quantize_weight(W, scheme))
+
+
+# 5. non-PD Hessians: damp recovery, RTN fallback -------------------------------------------------------
+
+
+def test_rank_deficient_hessian_quantizes_at_default_damp():
+    W, H = random_weight(16, 96, seed=12), correlated_hessian(96, 40, seed=13)  # 40 tokens < K
+    result = gptq_quantize(W, H, GPTQConfig(QuantScheme(4, 32)))
+    assert result.fallback is None and result.damp == 0.01
+    assert result.hessian_error < hessian_weighted_error(
+        W, quantize_weight(W, QuantScheme(4, 32)).dequantize(), H
+    )
+
+
+def test_indefinite_hessian_raises_damp_with_warning(caplog):
+    W, H = random_weight(16, 96, seed=14), correlated_hessian(96, 40, seed=15)
+    H = damped(H, -0.05)  # eigenvalues down to -0.05·mean(diag): fails at damp 0.01, not at 0.1
+    with caplog.at_level(logging.WARNING, logger="llmquant.gptq"):
+        result = gptq_quantize(W, H, GPTQConfig(QuantScheme(4, 32), damp=0.01), name="layers.0.q_proj")
+    assert result.fallback is None
+    assert result.damp == pytest.approx(0.1) and result.damp > 0.01
+    assert any("damp=0.1" in r.getMessage() and "layers.0.q_proj" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("bad", ["nan", "negative", "zero"])
+def test_unusable_hessian_falls_back_to_rtn_with_warning(caplog, bad):
+    scheme = QuantScheme(4, 32, sym=False)
+    W = random_weight(16, 64, seed=16)
+    H = {"nan": torch.full((64, 64), float("nan")), "negative": -torch.eye(64), "zero": torch.zeros(64, 64)}[
+        bad
+    ]
+    with caplog.at_level(logging.WARNING, logger="llmquant.gptq"):
+        result = gptq_quantize(W, H, GPTQConfig(scheme))
+    assert result.fallback == "rtn"
+    assert result.weight.equal(quantize_weight(W, scheme))
+    assert any("falling back to RTN" in r.getMessage() for r in caplog.records)
+
+
+# 6. dead columns ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_dead_columns_are_zeroed_and_counted(act_order):
+    k, dead = 64, [3, 17, 40]
+    gen = torch.Generator().manual_seed(17)
+    X = torch.randn(256, k, generator=gen) @ torch.randn(k, k, generator=gen)  # [tokens, K]
+    X[:, dead] = 0
+    H, n = accumulate_hessian(*hessian_init(k), X)
+    W = random_weight(16, k, seed=18) + 1.0  # nonzero everywhere
+    result = gptq_quantize(W, H / n, GPTQConfig(QuantScheme(4, 16, sym=False), act_order=act_order))
+    assert result.dead_columns == len(dead)
+    Q = result.weight.dequantize()
+    assert torch.equal(Q[:, dead], torch.zeros(16, len(dead)))
+    assert torch.isfinite(Q).all() and result.fallback is None
+
+
+# 7. Hessian accumulation -------------------------------------------------------------------------------
+
+
+def test_accumulate_hessian_mask_excludes_padding():
+    gen = torch.Generator().manual_seed(19)
+    X = torch.randn(2, 50, 32, generator=gen)  # [batch, seq, K]
+    mask = torch.rand(2, 50, generator=gen) > 0.3  # [batch, seq]
+    X[~mask] = 1e6  # padding junk must not leak
+    H, n = accumulate_hessian(*hessian_init(32), X, mask)
+    H_ref, n_ref = accumulate_hessian(*hessian_init(32), X[mask])
+    assert n == n_ref == int(mask.sum())
+    torch.testing.assert_close(H, H_ref, rtol=1e-6, atol=0)
+
+
+def test_accumulate_hessian_batches_equal_one_shot():
+    X = random_weight(300, 48, seed=20, dtype=torch.float64)  # [tokens, K]
+    H, n = hessian_init(48, dtype=torch.float64)
+    for chunk in X.split(70):
+        H, n = accumulate_hessian(H, n, chunk)
+    H_ref, n_ref = accumulate_hessian(*hessian_init(48, dtype=torch.float64), X)
+    assert n == n_ref == 300
+    torch.testing.assert_close(H, H_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(H / n, 2 * X.T @ X / 300)
+
+
+def test_accumulate_hessian_half_inputs_accumulate_in_float32():
+    X = random_weight(64, 16, seed=21).half()
+    H, n = accumulate_hessian(*hessian_init(16), X)
+    assert H.dtype == torch.float32 and n == 64
+    torch.testing.assert_close(H, 2 * X.float().T @ X.float())
+
+
+def test_shape_mismatch_is_a_value_error():
+    with pytest.raises(ValueError, match="H \\[K, K\\]"):
+        gptq_quantize(torch.zeros(4, 8), torch.eye(7), GPTQConfig())
+
+
+def test_trivial_g_idx_without_act_order(problem32):
+    W, H = problem32
+    result = gptq_quantize(W, H, GPTQConfig(QuantScheme(4, 32)))
+    assert result.weight.g_idx is None
+    assert torch.equal(result.weight.group_index(), trivial_g_idx(160, 32).long())
