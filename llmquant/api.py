@@ -44,7 +44,7 @@ def save_quantized(
         out_dir,
         format=format,
         scheme=config.scheme,
-        act_order=act_order and not static_groups,
+        act_order=act_order,
         static_groups=static_groups,
         method=config.method,
         extra_meta=meta,
@@ -78,7 +78,12 @@ def quantize_checkpoint(
         raise FileNotFoundError(f"model directory {model_dir} does not exist")
     act_order = isinstance(config, GPTQConfig) and config.act_order and not config.static_groups
     get_format(format).check_scheme(config.scheme, act_order=act_order)  # fail before hours of work
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError, TypeError) as exc:
+        if isinstance(config, GPTQConfig):
+            raise ValueError(f"{model_dir} has no usable tokenizer, which calibration needs ({exc})") from exc
+        tokenizer = None
     resume_dir = out_dir.with_name(out_dir.name + ".partial")
     if not resume and resume_dir.exists():
         import shutil

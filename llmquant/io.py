@@ -456,6 +456,9 @@ def _model_config_dict(model: nn.Module) -> dict[str, Any]:
     cfg = getattr(model, "config", None)
     data = dict(cfg.to_dict()) if cfg is not None else {}
     data.pop("quantization_config", None)
+    floats = [p.dtype for p in model.parameters() if p.is_floating_point()]
+    if floats:  # the dtype the non-quantized tensors are stored in (config.dtype may be unset)
+        data["dtype"] = str(floats[0]).removeprefix("torch.")
     return json.loads(json.dumps(data, default=str))  # dtypes and the like become strings
 
 

@@ -114,3 +114,56 @@ def shared_data() -> Path:
     if not path.is_dir():
         pytest.skip(f"shared data folder {path} not found (set LLMQUANT_SHARED_DATA to its location)")
     return path
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tiny tokenizer + checkpoint (offline): a byte-level BPE trained in-process
+# ---------------------------------------------------------------------------------------------------
+
+
+def _train_tokenizer(texts: list[str], chat_template: str | None = None, vocab_size: int = 400):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|bos|>", "<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|bos|>", eos_token="<|endoftext|>")
+    fast.chat_template = chat_template
+    return fast
+
+
+@pytest.fixture(scope="session")
+def make_tiny_tokenizer() -> Callable[..., object]:
+    """``make_tiny_tokenizer(texts, chat_template=None, vocab_size=400)`` -> PreTrainedTokenizerFast."""
+    return _train_tokenizer
+
+
+@pytest.fixture(scope="session")
+def calib_text_file(tmp_path_factory) -> Path:
+    """~40 KB of English-like text for calibration tests (a local file, as users pass with --calib)."""
+    words = ("the model weights are quantized to four bits with groupwise scales while activations stay "
+             "in half precision and a calibration set of text estimates the hessian of every linear layer").split()
+    g = torch.Generator().manual_seed(0)
+    lines = [" ".join(words[i] for i in torch.randint(0, len(words), (14,), generator=g).tolist()) + "."
+             for _ in range(600)]
+    path = tmp_path_factory.mktemp("calib") / "calib.txt"
+    path.write_text("\n".join(lines))
+    return path
+
+
+@pytest.fixture
+def tiny_checkpoint(make_tiny_llama, calib_text_file: Path, tmp_path: Path) -> Path:
+    """A tiny random LLaMA saved with a matching tokenizer (vocab 256), as a user's model directory."""
+    tokenizer = _train_tokenizer([calib_text_file.read_text()], vocab_size=256)
+    model = make_tiny_llama(vocab=len(tokenizer))
+    path = tmp_path / "tiny_checkpoint"
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    return path

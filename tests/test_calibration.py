@@ -36,23 +36,8 @@ def _text(n_words: int, seed: int = 0) -> str:
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    """A GPT-2-style byte-level BPE trained in-process (no hub access)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400,
-        special_tokens=["<|bos|>", "<|endoftext|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator([_text(3000, seed=s) for s in range(3)], trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|bos|>", eos_token="<|endoftext|>")
-    fast.chat_template = CHAT_TEMPLATE
-    return fast
+def tokenizer(make_tiny_tokenizer):
+    return make_tiny_tokenizer([_text(3000, seed=s) for s in range(3)], CHAT_TEMPLATE)
 
 
 def _ids(tokenizer, text: str) -> list[int]:
