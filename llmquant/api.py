@@ -127,6 +127,9 @@ def evaluate_checkpoint(
 
     from .evaluate import evaluate, tokenize_corpus
 
+    for checkpoint in (path, base):
+        if checkpoint is not None and not (Path(checkpoint) / "config.json").is_file():
+            raise FileNotFoundError(f"checkpoint {checkpoint} does not exist (no config.json there)")
     if not Path(text).is_file():
         raise FileNotFoundError(f"text file {text} does not exist")
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -1,0 +1,89 @@
+"""The CLI: quantize -> inspect -> eval on a tiny checkpoint; user errors are one line, exit 2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from llmquant.cli import main
+
+
+def _run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_quantize_inspect_eval(tiny_checkpoint, calib_text_file, tmp_path, capsys) -> None:
+    out_dir = tmp_path / "q"
+    code, out, _ = _run(capsys, "quantize", str(tiny_checkpoint), "-o", str(out_dir), "--method", "gptq",
+                        "--group-size", "32", "--calib", str(calib_text_file), "--n-samples", "4", "--seqlen", "32",
+                        "--act-order")
+    assert code == 0 and "verified" in out
+    assert not (tmp_path / "q.partial").exists()  # resume state removed after a successful save
+    log = json.loads((out_dir / "quant_log.json").read_text())["modules"]
+    assert len(log) == 14 and all(row["tokens"] == 4 * 32 for row in log)
+
+    code, out, _ = _run(capsys, "inspect", str(out_dir), "--json")
+    info = json.loads(out)
+    assert code == 0 and info["format"] == "gptq" and info["quantized_modules"] == 14
+    assert info["verified_at_save"] is True
+
+    code, out, _ = _run(capsys, "eval", str(out_dir), "--text", str(calib_text_file), "--seqlen", "64",
+                        "--windows", "2", "--base", str(tiny_checkpoint), "--json")
+    result = json.loads(out)
+    assert code == 0 and result["n_windows"] == 2
+    assert result["kl_divergence"] > 0 and result["perplexity"] > 1
+
+
+def test_rtn_without_calibration(tiny_checkpoint, tmp_path, capsys) -> None:
+    code, out, _ = _run(capsys, "quantize", str(tiny_checkpoint), "-o", str(tmp_path / "q"), "--method", "rtn",
+                        "--asym", "--format", "gptq_v2", "--group-size", "none")
+    assert code == 0
+    qcfg = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert (qcfg["checkpoint_format"], qcfg["group_size"], qcfg["sym"]) == ("gptq_v2", -1, False)
+
+
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["quantize", "/nonexistent/model", "-o", "OUT", "--method", "rtn"], "does not exist"),
+        (["quantize", "MODEL", "-o", "OUT", "--method", "rtn", "--asym"], "gptq_v2"),
+        (["quantize", "MODEL", "-o", "OUT", "--calib", "/no/such/file.txt"], "no file exists"),
+        (["quantize", "MODEL", "-o", "OUT", "--format", "exl2"], "exl2"),
+        (["eval", "/nonexistent", "--text", "TEXT"], "does not exist"),
+        (["inspect", "MODEL"], "not quantized"),
+    ],
+)
+def test_user_errors_are_one_line(tiny_checkpoint, calib_text_file, tmp_path, capsys, argv, needle) -> None:
+    subs = {"MODEL": str(tiny_checkpoint), "OUT": str(tmp_path / "out"), "TEXT": str(calib_text_file)}
+    code, _, err = _run(capsys, *[subs.get(a, a) for a in argv])
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert lines[-1].startswith("llmquant: error:") and needle in lines[-1], err
+    assert "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_unsupported_architecture(tiny_checkpoint, tmp_path, capsys) -> None:
+    config = json.loads((tiny_checkpoint / "config.json").read_text())
+    config["model_type"] = "gpt2"
+    config["architectures"] = ["GPT2LMHeadModel"]
+    (tiny_checkpoint / "config.json").write_text(json.dumps(config))
+    code, _, err = _run(capsys, "quantize", str(tiny_checkpoint), "-o", str(tmp_path / "o"), "--method", "rtn")
+    assert code == 2 and "not supported" in err and "Traceback" not in err
+
+
+def test_bad_group_size_is_an_argparse_error(capsys) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["quantize", "M", "-o", "O", "--group-size", "0"])
+    assert exc.value.code == 2
+    assert "--group-size" in capsys.readouterr().err
+
+
+def test_console_script_is_installed() -> None:
+    out = subprocess.run([sys.executable, "-m", "llmquant.cli", "--help"], capture_output=True, text=True, check=True)
+    assert "quantize" in out.stdout and "inspect" in out.stdout
