@@ -29,7 +29,8 @@ def pack(codes: torch.Tensor, bits: int, dim: int = -1, order: list[int] | None 
     """Pack unsigned integer codes along ``dim`` into int32 words (see module docstring)."""
     if not 1 <= bits <= 8:
         raise ValueError(f"bits must be in 1..8, got {bits}")
-    x = codes.movedim(dim, -1).to(torch.int64)
+    x = codes.movedim(dim, -1)
+    x = x.to(torch.int32 if 32 % bits == 0 and order is None else torch.int64)
     length = x.shape[-1]
     if x.numel() and (int(x.max()) >= 1 << bits or int(x.min()) < 0):
         raise ValueError(f"codes out of range for {bits} bits")
@@ -41,14 +42,20 @@ def pack(codes: torch.Tensor, bits: int, dim: int = -1, order: list[int] | None 
         x = x.reshape(*x.shape[:-1], length // pf, pf)[..., idx].reshape(x.shape)
     n_words = packed_length(length, bits)
     if 32 % bits == 0:
-        pf = 32 // bits
-        pad = n_words * pf - length
-        x = torch.nn.functional.pad(x, (0, pad))
-        shifts = torch.arange(pf, device=x.device, dtype=torch.int64) * bits
-        words = (x.reshape(*x.shape[:-1], n_words, pf) << shifts).sum(dim=-1)
-    else:
-        words = _pack_stream(x, bits, n_words)
-    return _to_int32(words).movedim(-1, dim).contiguous()
+        return _pack_aligned(x, bits, n_words).movedim(-1, dim).contiguous()
+    return _to_int32(_pack_stream(x, bits, n_words)).movedim(-1, dim).contiguous()
+
+
+def _pack_aligned(x: torch.Tensor, bits: int, n_words: int) -> torch.Tensor:
+    """Fast path for bit widths dividing 32: int32 shifts wrap in two's complement, and OR of
+    disjoint bit fields needs no widening."""
+    pf = 32 // bits
+    x = torch.nn.functional.pad(x, (0, n_words * pf - x.shape[-1]))
+    x = x.reshape(*x.shape[:-1], n_words, pf)  # [..., L] -> [..., words, pf]
+    words = x[..., 0].to(torch.int32)
+    for j in range(1, pf):
+        words |= x[..., j].to(torch.int32) << (bits * j)
+    return words
 
 
 def _pack_stream(x: torch.Tensor, bits: int, n_words: int) -> torch.Tensor:

@@ -65,9 +65,10 @@ class QuantScheme(_Config):
     sym: bool = True
 
     def __post_init__(self) -> None:
-        if self.bits not in SUPPORTED_BITS:
+        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or self.bits not in SUPPORTED_BITS:
             raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {self.bits}")
-        if self.group_size is not None and (not isinstance(self.group_size, int) or self.group_size < 1):
+        bad_type = isinstance(self.group_size, bool) or not isinstance(self.group_size, int)
+        if self.group_size is not None and (bad_type or self.group_size < 1):
             raise ValueError(
                 f"group_size must be a positive integer or None (per-channel), got {self.group_size!r}; "
                 "use None instead of -1"

@@ -47,7 +47,8 @@ def qparams_from_range(
 def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
     """Codes (float32 holding integers) of ``w`` on the grid; scale/zero broadcast against w."""
     maxq = (1 << bits) - 1
-    return torch.clamp(torch.round(w.float() / scale) + zero, 0, maxq)
+    q = w.float() / scale
+    return q.round_().add_(zero).clamp_(0, maxq)
 
 
 def dequantize_codes(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:

@@ -63,7 +63,7 @@ class RTNMethod:
             t0 = time.perf_counter()
             module = layer.get_submodule(name)
             qw = quantize_weight(module.weight.data.float(), self.config.scheme, mse=self.config.mse_clip)
-            module.weight.data = qw.dequantize(module.weight.dtype)
+            # no write-back: RTN propagates nothing, and the pipeline swaps in a QuantLinear next
             out[name] = (qw, ModuleLog(name, None, None, time.perf_counter() - t0, 0))
         return out
 

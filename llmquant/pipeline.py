@@ -248,9 +248,10 @@ def _quantize_layer(
     device: torch.device, dtype: torch.dtype,
 ) -> LayerResult:
     """Quantize one layer on the compute device; advance ``ctx.inputs`` to its quantized outputs."""
-    layer.to(device=device, dtype=dtype)
-    if ctx is None:
+    if ctx is None:  # nothing runs through the layer: move it, keep its dtype
+        layer.to(device=device)
         return method.quantize_layer(layer, _Context(index, arch, [], [], [], device, dtype))
+    layer.to(device=device, dtype=dtype)
     ctx.index = index
     result = method.quantize_layer(layer, ctx)
     with torch.inference_mode():

@@ -41,14 +41,14 @@ def test_scheme_rejects_float_group_size():
         QuantScheme(group_size=128.0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="config.py QuantScheme.__post_init__: `self.bits not in SUPPORTED_BITS` accepts 4.0 "
-    "(4.0 == 4); the config is built and later fails with TypeError in maxq (`1 << 4.0`)",
-)
 def test_scheme_rejects_float_bits():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="bits must be one of"):
         QuantScheme(bits=4.0)
+
+
+def test_scheme_rejects_bool_group_size():
+    with pytest.raises(ValueError, match="positive integer or None"):
+        QuantScheme(group_size=True)
 
 
 @pytest.mark.parametrize(
