@@ -89,12 +89,24 @@ def quantize_checkpoint(
         import shutil
 
         shutil.rmtree(resume_dir)
-    result = quantize(model_dir, config, calibration, tokenizer=tokenizer, device=device,
-                      batch_size=batch_size, resume_dir=resume_dir)
+    result = quantize(
+        model_dir,
+        config,
+        calibration,
+        tokenizer=tokenizer,
+        device=device,
+        batch_size=batch_size,
+        resume_dir=resume_dir,
+    )
     path = save_quantized(result, out_dir, format=format, tokenizer=tokenizer)
     size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
-    return {"path": path, "format": format, "modules": len(result.quantized), "seconds": result.seconds,
-            "bytes": size}
+    return {
+        "path": path,
+        "format": format,
+        "modules": len(result.quantized),
+        "seconds": result.seconds,
+        "bytes": size,
+    }
 
 
 def load_any(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
@@ -139,8 +151,12 @@ def evaluate_checkpoint(
     model = load_any(path, dev, dtype)
     base_model = load_any(base, dev, dtype) if base else None
     result = evaluate(model, ids, seqlen=seqlen, windows=windows, base_model=base_model, device=dev)
-    out: dict[str, Any] = {"perplexity": result.perplexity, "n_windows": result.n_windows,
-                           "n_tokens": result.n_tokens, "seqlen": result.seqlen}
+    out: dict[str, Any] = {
+        "perplexity": result.perplexity,
+        "n_windows": result.n_windows,
+        "n_tokens": result.n_tokens,
+        "seqlen": result.seqlen,
+    }
     if base_model is not None:
         base_result = evaluate(base_model, ids, seqlen=seqlen, windows=windows, device=dev)
         out["base_perplexity"] = base_result.perplexity
@@ -169,12 +185,27 @@ def inspect_checkpoint(path: str | Path) -> dict[str, Any]:
         tensors.pop("bias", None)
         n, k = _shape_of(fmt, tensors, scheme)
         qw = fmt.unpack(tensors, scheme, n, k)
-        modules.append({"name": name, "shape": [n, k], "groups": qw.num_groups,
-                        "tensors": {s: list(t.shape) for s, t in tensors.items()}})
+        modules.append(
+            {
+                "name": name,
+                "shape": [n, k],
+                "groups": qw.num_groups,
+                "tensors": {s: list(t.shape) for s, t in tensors.items()},
+            }
+        )
     meta = qcfg.get("meta", {}) if isinstance(qcfg.get("meta"), dict) else {}
-    return {"path": str(path), "format": fmt.name, "bits": scheme.bits, "group_size": scheme.group_size,
-            "sym": scheme.sym, "flags": json.dumps(flags), "quantized_modules": len(modules),
-            "verified_at_save": meta.get("verified"), "verified_now": True, "modules": modules}
+    return {
+        "path": str(path),
+        "format": fmt.name,
+        "bits": scheme.bits,
+        "group_size": scheme.group_size,
+        "sym": scheme.sym,
+        "flags": json.dumps(flags),
+        "quantized_modules": len(modules),
+        "verified_at_save": meta.get("verified"),
+        "verified_now": True,
+        "modules": modules,
+    }
 
 
 def _shape_of(fmt, tensors: dict[str, torch.Tensor], scheme) -> tuple[int, int]:

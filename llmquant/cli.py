@@ -12,7 +12,6 @@ import logging
 import resource
 import sys
 import time
-from pathlib import Path
 
 
 def _group_size(text: str) -> int | None:
@@ -21,7 +20,9 @@ def _group_size(text: str) -> int | None:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--group-size takes a positive integer or 'none', got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"--group-size takes a positive integer or 'none', got {text!r}"
+        ) from None
     if value < 1:
         raise argparse.ArgumentTypeError("--group-size must be positive (or 'none' for per-channel)")
     return value
@@ -64,14 +65,33 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     if args.method == "rtn":
         config = RTNConfig(scheme=scheme, mse_clip=args.mse_clip)
     else:
-        config = GPTQConfig(scheme=scheme, damp=args.damp, block_size=args.block_size, act_order=args.act_order,
-                            static_groups=args.static_groups, true_sequential=args.true_sequential,
-                            mse_clip=args.mse_clip)
-    calib = CalibrationConfig(source=args.calib, n_samples=args.n_samples, seqlen=args.seqlen, seed=args.seed,
-                              text_field=args.text_field)
+        config = GPTQConfig(
+            scheme=scheme,
+            damp=args.damp,
+            block_size=args.block_size,
+            act_order=args.act_order,
+            static_groups=args.static_groups,
+            true_sequential=args.true_sequential,
+            mse_clip=args.mse_clip,
+        )
+    calib = CalibrationConfig(
+        source=args.calib,
+        n_samples=args.n_samples,
+        seqlen=args.seqlen,
+        seed=args.seed,
+        text_field=args.text_field,
+    )
     t0 = time.perf_counter()
-    summary = quantize_checkpoint(args.model, args.output, config, calib, format=args.format,
-                                  device=args.device, batch_size=args.batch_size, resume=not args.no_resume)
+    summary = quantize_checkpoint(
+        args.model,
+        args.output,
+        config,
+        calib,
+        format=args.format,
+        device=args.device,
+        batch_size=args.batch_size,
+        resume=not args.no_resume,
+    )
     rows = [
         ("output", str(summary["path"])),
         ("format", summary["format"]),
@@ -103,16 +123,21 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from .api import evaluate_checkpoint
 
-    result = evaluate_checkpoint(args.path, args.text, base=args.base, windows=args.windows,
-                                 seqlen=args.seqlen, device=args.device)
+    result = evaluate_checkpoint(
+        args.path, args.text, base=args.base, windows=args.windows, seqlen=args.seqlen, device=args.device
+    )
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
-    rows = [("windows", f"{result['n_windows']} x {result['seqlen']} tokens"),
-            ("perplexity", f"{result['perplexity']:.4f}")]
+    rows = [
+        ("windows", f"{result['n_windows']} x {result['seqlen']} tokens"),
+        ("perplexity", f"{result['perplexity']:.4f}"),
+    ]
     if "base_perplexity" in result:
-        rows += [("base perplexity", f"{result['base_perplexity']:.4f}"),
-                 ("KL(base || quant)", f"{result['kl_divergence']:.5f} nats/token")]
+        rows += [
+            ("base perplexity", f"{result['base_perplexity']:.4f}"),
+            ("KL(base || quant)", f"{result['kl_divergence']:.5f} nats/token"),
+        ]
     _print_table(rows)
     return 0
 
@@ -160,7 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
     for noisy in ("transformers", "accelerate", "datasets", "urllib3", "httpx", "filelock"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     try:

@@ -40,7 +40,11 @@ def _skeleton(path: Path, dtype: torch.dtype | None) -> tuple[PreTrainedModel, t
 
 
 def from_pretrained(
-    path: str | Path, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu", progress: bool = True
+    path: str | Path,
+    *,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
 ) -> PreTrainedModel:
     """Load a GPTQ / AWQ / compressed-tensors checkpoint directory into QuantLinear modules."""
     path = Path(path)
@@ -48,7 +52,9 @@ def from_pretrained(
         raise FileNotFoundError(f"{path} is not a checkpoint directory (no config.json)")
     qcfg = read_config(path).get("quantization_config")
     if not qcfg:
-        raise ValueError(f"{path} is not quantized (config.json has no quantization_config); load it with transformers")
+        raise ValueError(
+            f"{path} is not quantized (config.json has no quantization_config); load it with transformers"
+        )
     fmt, scheme, _flags = detect_format(qcfg)
     model, dtype = _skeleton(path, dtype)
     index = read_checkpoint_index(path)

@@ -38,7 +38,9 @@ class QuantLinear(nn.Module):
         n_groups = -(-in_features // gs)
         words = -(-in_features * bits // 32)
         self.register_buffer("qweight", torch.zeros(words, out_features, dtype=torch.int32, device=device))
-        self.register_buffer("scales", torch.zeros(n_groups, out_features, dtype=torch.float16, device=device))
+        self.register_buffer(
+            "scales", torch.zeros(n_groups, out_features, dtype=torch.float16, device=device)
+        )
         self.register_buffer("zeros", torch.zeros(n_groups, out_features, dtype=torch.uint8, device=device))
         perm = torch.arange(in_features, dtype=torch.int32, device=device) if act_order else None
         self.register_buffer("perm", perm)

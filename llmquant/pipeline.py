@@ -13,6 +13,7 @@ Only one float decoder layer plus the activation cache is ever resident on the c
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -142,11 +143,12 @@ def capture_layer_inputs(
             ids = blocks.input_ids[start : start + batch_size]
             mask = blocks.attention_mask[start : start + batch_size]
             padded = bool((mask == 0).any())
-            with torch.inference_mode():
-                try:
-                    source.model(input_ids=ids.to(device), attention_mask=mask.to(device) if padded else None, use_cache=False)
-                except _StopForward:
-                    pass
+            with torch.inference_mode(), contextlib.suppress(_StopForward):
+                source.model(
+                    input_ids=ids.to(device),
+                    attention_mask=mask.to(device) if padded else None,
+                    use_cache=False,
+                )
             inputs.append(captured["x"].to("cpu"))
             kwargs_list.append({k: _to(v, torch.device("cpu")) for k, v in captured["kwargs"].items()})
             masks.append(mask.bool() if padded else None)
@@ -209,8 +211,15 @@ def quantize(
     store_dtype = next(p for p in source.model.parameters() if not p.is_meta).dtype
     compute_dtype = torch.float32 if dev.type == "cpu" else store_dtype
     blocks = _resolve_blocks(calibration, tokenizer, source) if method.needs_calibration else None
-    fp = fingerprint(__version__, source.description, config.to_dict(), config.method,
-                     blocks.fingerprint if blocks else None, batch_size, str(compute_dtype))
+    fp = fingerprint(
+        __version__,
+        source.description,
+        config.to_dict(),
+        config.method,
+        blocks.fingerprint if blocks else None,
+        batch_size,
+        str(compute_dtype),
+    )
     state = ResumeState(Path(resume_dir) if resume_dir else None, fp)
     ctx = None
     if blocks is not None:
@@ -236,16 +245,28 @@ def quantize(
         losses = [log.loss for _, log in result.values() if log.loss is not None]
         if losses:
             bar.set_postfix(loss=f"{max(losses):.3g}")
-    calib = None if blocks is None else {"source": blocks.source, "fingerprint": blocks.fingerprint,
-                                         "n_samples": int(blocks.input_ids.shape[0]),
-                                         "seqlen": int(blocks.input_ids.shape[1])}
+    calib = (
+        None
+        if blocks is None
+        else {
+            "source": blocks.source,
+            "fingerprint": blocks.fingerprint,
+            "n_samples": int(blocks.input_ids.shape[0]),
+            "seqlen": int(blocks.input_ids.shape[1]),
+        }
+    )
     seconds = time.perf_counter() - t0
     return QuantizationResult(source.model, quantized, config, logs, calib, seconds, state.dir)
 
 
 def _quantize_layer(
-    layer: nn.Module, index: int, method, ctx: _Context | None, arch: ArchSpec,
-    device: torch.device, dtype: torch.dtype,
+    layer: nn.Module,
+    index: int,
+    method,
+    ctx: _Context | None,
+    arch: ArchSpec,
+    device: torch.device,
+    dtype: torch.dtype,
 ) -> LayerResult:
     """Quantize one layer on the compute device; advance ``ctx.inputs`` to its quantized outputs."""
     if ctx is None:  # nothing runs through the layer: move it, keep its dtype

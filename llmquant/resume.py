@@ -33,7 +33,9 @@ def fingerprint(*parts: object) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+def _atomic_save(
+    tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None
+) -> None:
     tmp = path.with_name(path.name + ".tmp")
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
     os.replace(tmp, path)
@@ -63,13 +65,17 @@ class ResumeState:
         tensors: dict[str, torch.Tensor] = {}
         logs = {}
         for name, (qw, log) in result.items():
-            tensors.update({f"{name}.codes": qw.codes, f"{name}.scales": qw.scales, f"{name}.zeros": qw.zeros})
+            tensors.update(
+                {f"{name}.codes": qw.codes, f"{name}.scales": qw.scales, f"{name}.zeros": qw.zeros}
+            )
             if qw.g_idx is not None:
                 tensors[f"{name}.g_idx"] = qw.g_idx
             logs[name] = {**log.__dict__, "bits": qw.bits, "group_size": qw.group_size}
         _atomic_save(tensors, self.dir / f"layer-{index:05d}.safetensors", {"logs": json.dumps(logs)})
         if activations is not None:
-            _atomic_save({f"batch_{j}": a for j, a in enumerate(activations)}, self.dir / "activations.safetensors")
+            _atomic_save(
+                {f"batch_{j}": a for j, a in enumerate(activations)}, self.dir / "activations.safetensors"
+            )
         tmp = self.dir / "state.json.tmp"
         tmp.write_text(json.dumps({"fingerprint": self.fp, "layers_done": index + 1}))
         os.replace(tmp, self.dir / "state.json")

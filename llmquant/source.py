@@ -56,7 +56,9 @@ class StreamedModel(ModelSource):
     def __init__(self, path: str | Path, dtype: torch.dtype | None = None) -> None:
         self.path = Path(path)
         if not (self.path / "config.json").is_file():
-            raise FileNotFoundError(f"{self.path} is not a model directory (no config.json); pass a local HF checkpoint")
+            raise FileNotFoundError(
+                f"{self.path} is not a model directory (no config.json); pass a local HF checkpoint"
+            )
         config = AutoConfig.from_pretrained(self.path)
         self.arch = get_arch(config)
         if getattr(config, "quantization_config", None):

@@ -18,7 +18,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _prepare_test_model() -> Path:
-    spec = importlib.util.spec_from_file_location("prepare_test_model", REPO / "scripts" / "prepare_test_model.py")
+    spec = importlib.util.spec_from_file_location(
+        "prepare_test_model", REPO / "scripts" / "prepare_test_model.py"
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.prepare_test_model()
@@ -27,8 +29,12 @@ def _prepare_test_model() -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--windows", type=int, default=4, help="2048-token wikitext-2 windows to evaluate")
-    parser.add_argument("--out", type=Path, default=Path.home() / ".cache" / "llmquant" / "demo-smollm2-rtn-w4g128")
-    parser.add_argument("--text", type=Path, default=REPO.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw")
+    parser.add_argument(
+        "--out", type=Path, default=Path.home() / ".cache" / "llmquant" / "demo-smollm2-rtn-w4g128"
+    )
+    parser.add_argument(
+        "--text", type=Path, default=REPO.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
@@ -48,7 +54,10 @@ def main() -> None:
         ("checkpoint", str(summary["path"])),
         ("quantize + save", f"{quant_s:.1f} s (peak RSS {rss:.2f} GiB)"),
         ("size float -> quantized", f"{float_size / 2**20:.1f} MiB -> {summary['bytes'] / 2**20:.1f} MiB"),
-        (f"wikitext-2 ppl ({ev['n_windows']}x{ev['seqlen']})", f"float {ev['base_perplexity']:.3f} -> quantized {ev['perplexity']:.3f}"),
+        (
+            f"wikitext-2 ppl ({ev['n_windows']}x{ev['seqlen']})",
+            f"float {ev['base_perplexity']:.3f} -> quantized {ev['perplexity']:.3f}",
+        ),
         ("KL(float || quantized)", f"{ev['kl_divergence']:.4f} nats/token"),
     ]
     width = max(len(k) for k, _ in rows)

@@ -148,11 +148,43 @@ def make_tiny_tokenizer() -> Callable[..., object]:
 @pytest.fixture(scope="session")
 def calib_text_file(tmp_path_factory) -> Path:
     """~40 KB of English-like text for calibration tests (a local file, as users pass with --calib)."""
-    words = ("the model weights are quantized to four bits with groupwise scales while activations stay "
-             "in half precision and a calibration set of text estimates the hessian of every linear layer").split()
+    words = [
+        "the",
+        "model",
+        "weights",
+        "are",
+        "quantized",
+        "to",
+        "four",
+        "bits",
+        "with",
+        "groupwise",
+        "scales",
+        "while",
+        "activations",
+        "stay",
+        "in",
+        "half",
+        "precision",
+        "and",
+        "a",
+        "calibration",
+        "set",
+        "of",
+        "text",
+        "estimates",
+        "the",
+        "hessian",
+        "of",
+        "every",
+        "linear",
+        "layer",
+    ]
     g = torch.Generator().manual_seed(0)
-    lines = [" ".join(words[i] for i in torch.randint(0, len(words), (14,), generator=g).tolist()) + "."
-             for _ in range(600)]
+    lines = [
+        " ".join(words[i] for i in torch.randint(0, len(words), (14,), generator=g).tolist()) + "."
+        for _ in range(600)
+    ]
     path = tmp_path_factory.mktemp("calib") / "calib.txt"
     path.write_text("\n".join(lines))
     return path

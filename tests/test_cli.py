@@ -19,9 +19,24 @@ def _run(capsys, *argv: str) -> tuple[int, str, str]:
 
 def test_quantize_inspect_eval(tiny_checkpoint, calib_text_file, tmp_path, capsys) -> None:
     out_dir = tmp_path / "q"
-    code, out, _ = _run(capsys, "quantize", str(tiny_checkpoint), "-o", str(out_dir), "--method", "gptq",
-                        "--group-size", "32", "--calib", str(calib_text_file), "--n-samples", "4", "--seqlen", "32",
-                        "--act-order")
+    code, out, _ = _run(
+        capsys,
+        "quantize",
+        str(tiny_checkpoint),
+        "-o",
+        str(out_dir),
+        "--method",
+        "gptq",
+        "--group-size",
+        "32",
+        "--calib",
+        str(calib_text_file),
+        "--n-samples",
+        "4",
+        "--seqlen",
+        "32",
+        "--act-order",
+    )
     assert code == 0 and "verified" in out
     assert not (tmp_path / "q.partial").exists()  # resume state removed after a successful save
     log = json.loads((out_dir / "quant_log.json").read_text())["modules"]
@@ -32,16 +47,40 @@ def test_quantize_inspect_eval(tiny_checkpoint, calib_text_file, tmp_path, capsy
     assert code == 0 and info["format"] == "gptq" and info["quantized_modules"] == 14
     assert info["verified_at_save"] is True
 
-    code, out, _ = _run(capsys, "eval", str(out_dir), "--text", str(calib_text_file), "--seqlen", "64",
-                        "--windows", "2", "--base", str(tiny_checkpoint), "--json")
+    code, out, _ = _run(
+        capsys,
+        "eval",
+        str(out_dir),
+        "--text",
+        str(calib_text_file),
+        "--seqlen",
+        "64",
+        "--windows",
+        "2",
+        "--base",
+        str(tiny_checkpoint),
+        "--json",
+    )
     result = json.loads(out)
     assert code == 0 and result["n_windows"] == 2
     assert result["kl_divergence"] > 0 and result["perplexity"] > 1
 
 
 def test_rtn_without_calibration(tiny_checkpoint, tmp_path, capsys) -> None:
-    code, out, _ = _run(capsys, "quantize", str(tiny_checkpoint), "-o", str(tmp_path / "q"), "--method", "rtn",
-                        "--asym", "--format", "gptq_v2", "--group-size", "none")
+    code, out, _ = _run(
+        capsys,
+        "quantize",
+        str(tiny_checkpoint),
+        "-o",
+        str(tmp_path / "q"),
+        "--method",
+        "rtn",
+        "--asym",
+        "--format",
+        "gptq_v2",
+        "--group-size",
+        "none",
+    )
     assert code == 0
     qcfg = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
     assert (qcfg["checkpoint_format"], qcfg["group_size"], qcfg["sym"]) == ("gptq_v2", -1, False)
@@ -73,7 +112,9 @@ def test_unsupported_architecture(tiny_checkpoint, tmp_path, capsys) -> None:
     config["model_type"] = "gpt2"
     config["architectures"] = ["GPT2LMHeadModel"]
     (tiny_checkpoint / "config.json").write_text(json.dumps(config))
-    code, _, err = _run(capsys, "quantize", str(tiny_checkpoint), "-o", str(tmp_path / "o"), "--method", "rtn")
+    code, _, err = _run(
+        capsys, "quantize", str(tiny_checkpoint), "-o", str(tmp_path / "o"), "--method", "rtn"
+    )
     assert code == 2 and "not supported" in err and "Traceback" not in err
 
 
@@ -85,5 +126,7 @@ def test_bad_group_size_is_an_argparse_error(capsys) -> None:
 
 
 def test_console_script_is_installed() -> None:
-    out = subprocess.run([sys.executable, "-m", "llmquant.cli", "--help"], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "llmquant.cli", "--help"], capture_output=True, text=True, check=True
+    )
     assert "quantize" in out.stdout and "inspect" in out.stdout

@@ -55,8 +55,9 @@ def test_act_order_round_trips_through_g_idx(tiny_checkpoint, calib_text_file, t
 
     tok = AutoTokenizer.from_pretrained(tiny_checkpoint)
     blocks = load_calibration(CalibrationConfig(str(calib_text_file), n_samples=4, seqlen=64), tok)
-    result = pipeline.quantize(tiny_checkpoint, GPTQConfig(QuantScheme(4, 16, True), act_order=True), blocks,
-                               progress=False)
+    result = pipeline.quantize(
+        tiny_checkpoint, GPTQConfig(QuantScheme(4, 16, True), act_order=True), blocks, progress=False
+    )
     assert any(not qw.has_trivial_g_idx() for qw in result.quantized.values())
     path = save_quantized(result, tmp_path / "q", format="gptq")
     qcfg = json.loads((path / "config.json").read_text())["quantization_config"]
@@ -90,10 +91,19 @@ def _autogptq_style_checkpoint(model, path, perm_seed: int = 3) -> dict[str, Qua
     path.mkdir()
     save_file(tensors, str(path / "gptq_model-4bit-16g.safetensors"), metadata={"format": "pt"})
     config = model.config.to_dict()
-    config["quantization_config"] = {"bits": 4, "group_size": 16, "damp_percent": 0.01, "desc_act": True,
-                                     "static_groups": False, "sym": True, "true_sequential": True,
-                                     "model_name_or_path": None, "model_file_base_name": None,
-                                     "quant_method": "gptq", "checkpoint_format": "gptq"}
+    config["quantization_config"] = {
+        "bits": 4,
+        "group_size": 16,
+        "damp_percent": 0.01,
+        "desc_act": True,
+        "static_groups": False,
+        "sym": True,
+        "true_sequential": True,
+        "model_name_or_path": None,
+        "model_file_base_name": None,
+        "quant_method": "gptq",
+        "checkpoint_format": "gptq",
+    }
     config["torch_dtype"] = "float16"
     (path / "config.json").write_text(json.dumps(config))
     return expected

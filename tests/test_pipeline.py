@@ -14,7 +14,9 @@ from llmquant.nn import QuantLinear
 SCHEME = QuantScheme(bits=4, group_size=32, sym=False)
 
 
-def _blocks(n: int = 6, seqlen: int = 32, vocab: int = 256, pad_tail: int = 0, pad_id: int = 0) -> CalibrationBlocks:
+def _blocks(
+    n: int = 6, seqlen: int = 32, vocab: int = 256, pad_tail: int = 0, pad_id: int = 0
+) -> CalibrationBlocks:
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, vocab, (n, seqlen), generator=g)
     mask = torch.ones_like(ids)
@@ -39,8 +41,11 @@ def _assert_same(a: pipeline.QuantizationResult, b: pipeline.QuantizationResult)
 
 
 def test_rtn_quantizes_every_linear_exactly(tiny_llama) -> None:
-    originals = {n: m.weight.detach().clone() for n, m in tiny_llama.named_modules() if n.startswith("model.layers")
-                 and isinstance(m, torch.nn.Linear)}
+    originals = {
+        n: m.weight.detach().clone()
+        for n, m in tiny_llama.named_modules()
+        if n.startswith("model.layers") and isinstance(m, torch.nn.Linear)
+    }
     result = pipeline.quantize(tiny_llama, RTNConfig(SCHEME), progress=False)
     assert set(result.quantized) == set(originals) and len(originals) == 14
     for name, w in originals.items():
@@ -121,8 +126,9 @@ def test_resume_ignores_a_different_run(make_tiny_llama, tmp_path) -> None:
     model_dir = tmp_path / "m"
     make_tiny_llama().save_pretrained(model_dir)
     pipeline.quantize(model_dir, GPTQConfig(SCHEME), _blocks(), resume_dir=tmp_path / "r", progress=False)
-    other = pipeline.quantize(model_dir, GPTQConfig(SCHEME, damp=0.1), _blocks(), resume_dir=tmp_path / "r",
-                              progress=False)
+    other = pipeline.quantize(
+        model_dir, GPTQConfig(SCHEME, damp=0.1), _blocks(), resume_dir=tmp_path / "r", progress=False
+    )
     fresh = pipeline.quantize(model_dir, GPTQConfig(SCHEME, damp=0.1), _blocks(), progress=False)
     _assert_same(other, fresh)
 
