@@ -81,6 +81,17 @@ class QuantizedWeight:
             g_idx=None if self.g_idx is None else self.g_idx.to(device),
         )
 
+    def rows(self, start: int, stop: int) -> QuantizedWeight:
+        """Output rows [start, stop) (rows are quantized independently, so this is exact)."""
+        return QuantizedWeight(
+            codes=self.codes[start:stop].clone(),
+            scales=self.scales[start:stop].clone(),
+            zeros=self.zeros[start:stop].clone(),
+            bits=self.bits,
+            group_size=self.group_size,
+            g_idx=None if self.g_idx is None else self.g_idx.clone(),
+        )
+
     def equal(self, other: QuantizedWeight) -> bool:
         """Bit-exact equality of the represented weight (g_idx None == trivial g_idx)."""
         if (self.bits, self.shape) != (other.bits, other.shape):

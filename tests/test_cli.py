@@ -11,6 +11,20 @@ import pytest
 from llmquant.cli import main
 
 
+@pytest.fixture(autouse=True)
+def _restore_logging():
+    """main() configures logging for a CLI process; undo it so other tests see the defaults."""
+    import logging
+
+    names = ["", "transformers", "accelerate", "datasets", "urllib3", "httpx", "filelock"]
+    levels = {n: logging.getLogger(n).level for n in names}
+    handlers = list(logging.getLogger().handlers)
+    yield
+    for n, level in levels.items():
+        logging.getLogger(n).setLevel(level)
+    logging.getLogger().handlers[:] = handlers
+
+
 def _run(capsys, *argv: str) -> tuple[int, str, str]:
     code = main(list(argv))
     out, err = capsys.readouterr()
