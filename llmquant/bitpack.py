@@ -29,11 +29,11 @@ def pack(codes: torch.Tensor, bits: int, dim: int = -1, order: list[int] | None 
     """Pack unsigned integer codes along ``dim`` into int32 words (see module docstring)."""
     if not 1 <= bits <= 8:
         raise ValueError(f"bits must be in 1..8, got {bits}")
+    if codes.numel() and (int(codes.max()) >= 1 << bits or int(codes.min()) < 0):
+        raise ValueError(f"codes out of range for {bits} bits")
     x = codes.movedim(dim, -1)
     x = x.to(torch.int32 if 32 % bits == 0 and order is None else torch.int64)
     length = x.shape[-1]
-    if x.numel() and (int(x.max()) >= 1 << bits or int(x.min()) < 0):
-        raise ValueError(f"codes out of range for {bits} bits")
     if order is not None:
         pf = len(order)
         if length % pf:
@@ -47,15 +47,15 @@ def pack(codes: torch.Tensor, bits: int, dim: int = -1, order: list[int] | None 
 
 
 def _pack_aligned(x: torch.Tensor, bits: int, n_words: int) -> torch.Tensor:
-    """Fast path for bit widths dividing 32: int32 shifts wrap in two's complement, and OR of
-    disjoint bit fields needs no widening."""
+    """Fast path for bit widths dividing 32, all in int32: shifts wrap in two's complement, and
+    adding disjoint bit fields never carries, so the wrapping sum is their OR."""
     pf = 32 // bits
-    x = torch.nn.functional.pad(x, (0, n_words * pf - x.shape[-1]))
+    pad = n_words * pf - x.shape[-1]
+    if pad:
+        x = torch.nn.functional.pad(x, (0, pad))
+    shifts = torch.arange(pf, device=x.device, dtype=torch.int32) * bits
     x = x.reshape(*x.shape[:-1], n_words, pf)  # [..., L] -> [..., words, pf]
-    words = x[..., 0].to(torch.int32)
-    for j in range(1, pf):
-        words |= x[..., j].to(torch.int32) << (bits * j)
-    return words
+    return (x << shifts).sum(dim=-1, dtype=torch.int32)
 
 
 def _pack_stream(x: torch.Tensor, bits: int, n_words: int) -> torch.Tensor:
@@ -75,12 +75,13 @@ def unpack(
     packed: torch.Tensor, bits: int, length: int, dim: int = -1, order: list[int] | None = None
 ) -> torch.Tensor:
     """Inverse of :func:`pack`: int32 words -> uint8 codes, ``length`` codes along ``dim``."""
-    w = packed.movedim(dim, -1).to(torch.int64) & _MASK32
-    if 32 % bits == 0:
+    if 32 % bits == 0:  # int32 arithmetic shifts: the mask drops the sign-extended bits
+        w = packed.movedim(dim, -1).to(torch.int32)
         pf = 32 // bits
-        shifts = torch.arange(pf, device=w.device, dtype=torch.int64) * bits
+        shifts = torch.arange(pf, device=w.device, dtype=torch.int32) * bits
         x = ((w[..., None] >> shifts) & ((1 << bits) - 1)).reshape(*w.shape[:-1], -1)[..., :length]
     else:
+        w = packed.movedim(dim, -1).to(torch.int64) & _MASK32
         w = torch.nn.functional.pad(w, (0, 1))
         start = torch.arange(length, device=w.device, dtype=torch.int64) * bits
         word, shift = start // 32, start % 32

@@ -96,7 +96,13 @@ class QuantizedWeight:
         """Bit-exact equality of the represented weight (g_idx None == trivial g_idx)."""
         if (self.bits, self.shape) != (other.bits, other.shape):
             return False
-        return bool(torch.equal(self.dequantize(), other.dequantize()))
+        same_fields = (
+            torch.equal(self.codes, other.codes.to(self.codes.device))
+            and torch.equal(self.scales, other.scales.to(self.scales.device))
+            and torch.equal(self.zeros, other.zeros.to(self.zeros.device))
+            and torch.equal(self.group_index(), other.group_index().to(self.codes.device))
+        )
+        return same_fields or bool(torch.equal(self.dequantize(), other.dequantize().to(self.codes.device)))
 
 
 def trivial_g_idx(
