@@ -68,12 +68,17 @@ class _Context:
     dtype: torch.dtype
 
     def run(self, layer: nn.Module, keep: bool, on_batch: Callable[[int], None] | None = None) -> list:
+        """Every cached batch through ``layer``; the outputs (on the CPU) if ``keep``. A hook may
+        raise _StopForward to end a batch early (nothing is kept for it then)."""
         outs = []
         for j, x in enumerate(self.inputs):
             if on_batch is not None:
                 on_batch(j)
             kwargs = {k: _to(v, self.device) for k, v in self.kwargs[j].items()}
-            y = layer(x.to(self.device, self.dtype), **kwargs)
+            try:
+                y = layer(x.to(self.device, self.dtype), **kwargs)
+            except _StopForward:
+                continue
             y = y[0] if isinstance(y, tuple) else y
             if keep:
                 outs.append(y.to("cpu"))
@@ -82,20 +87,25 @@ class _Context:
     def collect_inputs(
         self, layer: nn.Module, names: Sequence[str], fn: Callable[[str, torch.Tensor], None]
     ) -> None:
-        current: dict[str, torch.Tensor | None] = {"mask": None}
+        """Feed ``fn`` the unpadded inputs of the named submodules. Each batch stops as soon as every
+        named module has seen its input: collecting q_proj's input costs one norm, not a layer."""
+        state: dict = {"mask": None, "seen": set()}
 
         def hook(name: str) -> Callable:
-            def _hook(_module: nn.Module, args: tuple, _output: object) -> None:
+            def _hook(_module: nn.Module, args: tuple) -> None:
                 x = args[0].reshape(-1, args[0].shape[-1])  # [b, S, K] -> [b*S, K]
-                mask = current["mask"]
+                mask = state["mask"]
                 fn(name, x if mask is None else x[mask.reshape(-1).to(x.device)])
+                state["seen"].add(name)
+                if len(state["seen"]) == len(names):
+                    raise _StopForward
 
             return _hook
 
         def set_batch(j: int) -> None:
-            current["mask"] = self.masks[j]
+            state["mask"], state["seen"] = self.masks[j], set()
 
-        handles = [layer.get_submodule(n).register_forward_hook(hook(n)) for n in names]
+        handles = [layer.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
         try:
             with torch.inference_mode():
                 self.run(layer, keep=False, on_batch=set_batch)
