@@ -93,6 +93,14 @@ class QuantLinear(nn.Module):
             g_idx=g_idx,
         )
 
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001
+        """``model.to(dtype)`` casts every floating buffer; the scales are part of the packed format
+        and stay float16 (casting them back is exact: they came from float16)."""
+        super()._apply(fn, recurse)
+        if self.scales.dtype != torch.float16:
+            self.scales = self.scales.to(torch.float16)
+        return self
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return quant_matmul(
             x, self.qweight, self.scales, self.zeros, self.bits, self.kernel_group_size, self.perm, self.bias

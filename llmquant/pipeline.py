@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,7 +43,7 @@ class QuantizationResult:
     """The quantized model (QuantLinear modules swapped in, on the CPU) and what was done to it."""
 
     model: PreTrainedModel
-    quantized: dict[str, QuantizedWeight]
+    quantized: Mapping[str, QuantizedWeight]
     config: MethodConfig
     logs: list[ModuleLog] = field(default_factory=list)
     calibration: dict | None = None
@@ -53,6 +53,25 @@ class QuantizationResult:
 
 class _StopForward(Exception):
     pass
+
+
+class QuantizedWeights(Mapping[str, QuantizedWeight]):
+    """name -> QuantizedWeight, read on access from the model's QuantLinear modules, so the run keeps
+    only the packed weights (~0.5 byte/weight at 4 bits), not a second, unpacked copy of the codes."""
+
+    def __init__(self, model: nn.Module, names: list[str]) -> None:
+        self._model, self._names = model, names
+
+    def __getitem__(self, name: str) -> QuantizedWeight:
+        if name not in self._names:
+            raise KeyError(name)
+        return self._model.get_submodule(name).to_quantized()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
 
 
 @dataclass
@@ -236,7 +255,7 @@ def quantize(
         inputs, kwargs, masks = capture_layer_inputs(source, blocks, batch_size, dev, compute_dtype)
         inputs = state.load_activations() if state.layers_done else inputs
         ctx = _Context(0, source.arch, inputs, kwargs, masks, dev, compute_dtype)
-    quantized: dict[str, QuantizedWeight] = {}
+    quantized: list[str] = []
     logs: list[ModuleLog] = []
     n_layers = len(source.layers)
     bar = tqdm(range(n_layers), desc=f"{config.method} layers", disable=not progress)
@@ -249,8 +268,8 @@ def quantize(
             state.save_layer(i, result, ctx.inputs if ctx else None)
         _finalize_layer(layer, result, store_dtype)
         prefix = f"{source.arch.layers}.{i}."
-        for name, (qw, log) in result.items():
-            quantized[prefix + name] = qw
+        for name, (_qw, log) in result.items():
+            quantized.append(prefix + name)
             logs.append(ModuleLog(prefix + name, *list(log.__dict__.values())[1:]))
         losses = [log.loss for _, log in result.values() if log.loss is not None]
         if losses:
@@ -266,7 +285,8 @@ def quantize(
         }
     )
     seconds = time.perf_counter() - t0
-    return QuantizationResult(source.model, quantized, config, logs, calib, seconds, state.dir)
+    weights = QuantizedWeights(source.model, quantized)
+    return QuantizationResult(source.model, weights, config, logs, calib, seconds, state.dir)
 
 
 def _quantize_layer(

@@ -81,7 +81,7 @@ class StreamedModel(ModelSource):
         params = dict(self.model.named_parameters())
         for name, tensor in load_tensors(self.path, names).items():
             if name in params:
-                set_module_tensor_to_device(self.model, name, "cpu", value=tensor.to(self.dtype))
+                set_module_tensor_to_device(self.model, name, "cpu", value=tensor.to(self.dtype).clone())
         if getattr(self.model.config, "tie_word_embeddings", False):
             self.model.tie_weights()
         missing = [n for n, p in self.model.named_parameters() if p.is_meta and not n.startswith(prefix)]
@@ -94,7 +94,9 @@ class StreamedModel(ModelSource):
 
         prefix = f"{self.arch.layers}.{index}."
         tensors = load_tensors(self.path, [n for n in self.index if n.startswith(prefix)])
-        state = {n[len(prefix) :]: t.to(self.dtype) for n, t in tensors.items()}
+        # clone: safetensors hands out views of its mmap; a kept view (a norm weight) would pin the
+        # whole shard's pages in RSS for the rest of the run
+        state = {n[len(prefix) :]: t.to(self.dtype).clone() for n, t in tensors.items()}
         layer.load_state_dict(state, strict=False, assign=True)
         still_meta = [n for n, p in layer.named_parameters() if p.is_meta]
         if still_meta:
