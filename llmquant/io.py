@@ -311,7 +311,8 @@ def save_quantized(
     """
     fmt = get_format(format)
     fmt.check_scheme(scheme, act_order=stores_permutation(act_order, static_groups))
-    quantized = {name: qw.to("cpu") for name, qw in quantized.items()}
+    # ``quantized`` may be a lazy mapping (pipeline.QuantizedWeights): read one module at a time so
+    # the unpacked codes of the whole model are never in memory at once
     _check_modules(model, quantized)
     plain = _plain_tensors(model, quantized)
     packed = _pack_all(fmt, quantized, scheme, stores_permutation(act_order, static_groups))
@@ -365,13 +366,14 @@ def _check_modules(model: nn.Module, quantized: dict[str, QuantizedWeight]) -> N
         raise ValueError(
             "quantized lm_head is not supported by the written configs (lm_head: false); keep it float"
         )
-    for name, qw in quantized.items():
+    for name in quantized:
         try:
             module = model.get_submodule(name)
         except AttributeError as e:
             raise ValueError(f"{name!r} is not a module of the model") from e
-        if isinstance(module, nn.Linear) and tuple(module.weight.shape) != qw.shape:
-            raise ValueError(f"{name}: weight shape {tuple(module.weight.shape)} != quantized {qw.shape}")
+        if isinstance(module, nn.Linear) and tuple(module.weight.shape) != quantized[name].shape:
+            shape = quantized[name].shape
+            raise ValueError(f"{name}: weight shape {tuple(module.weight.shape)} != quantized {shape}")
 
 
 def _tied_keys(model: nn.Module) -> set[str]:
@@ -427,8 +429,9 @@ def _pack_all(
 
     out: dict[str, torch.Tensor] = {}
     ragged = []
-    items = sorted(quantized.items())
-    for name, qw in tqdm(items, desc=f"packing ({fmt.name})", disable=len(items) < 32, leave=False):
+    names = sorted(quantized)
+    for name in tqdm(names, desc=f"packing ({fmt.name})", disable=len(names) < 32, leave=False):
+        qw = quantized[name].to("cpu")
         n, k = qw.shape
         if scheme.group_size is not None and k % scheme.group_size:
             ragged.append(name)
@@ -526,7 +529,7 @@ def _verify_checkpoint(
         if not _bit_equal(t, plain[name].cpu()):
             raise CheckpointVerificationError(f"tensor {name} does not read back bit-exactly")
     for name in sorted(quantized):
-        qw = quantized[name]
+        qw = quantized[name].to("cpu")
         prefix = f"{name}."
         names = sorted(k for k in packed_names if k.startswith(prefix) and "." not in k[len(prefix) :])
         tensors = {k[len(prefix) :]: v for k, v in load_tensors(path, names).items()}
