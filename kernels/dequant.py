@@ -113,6 +113,37 @@ def _load_weight_tile(
     return _dequantize_tile(codes, scale, zero, FP16_MATH)
 
 
+@triton.jit
+def _store_tile(
+    acc,
+    y_ptr,
+    acc_ptr,
+    bias_ptr,
+    offs_m,
+    offs_n,
+    mask_m,
+    mask_n,
+    pid_k,
+    stride_ym,
+    stride_yn,
+    N,
+    HAS_BIAS: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+):
+    """Matmul epilogue shared by gemv and gemm: add the bias (split 0 only), then store the fp32 tile
+    ``acc`` [BLOCK_M, BLOCK_N] into y (SPLIT_K == 1) or atomically add it into the fp32 workspace."""
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        acc += tl.where(pid_k == 0, bias, 0.0)[None, :]
+    mask = mask_m[:, None] & mask_n[None, :]
+    if SPLIT_K == 1:
+        y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+    else:
+        acc_ptrs = acc_ptr + offs_m[:, None] * N + offs_n[None, :]
+        tl.atomic_add(acc_ptrs, acc, mask=mask, sem="relaxed")
+
+
 @triton.heuristics(
     {
         "EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0,

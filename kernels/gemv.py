@@ -30,7 +30,7 @@ import triton.language as tl
 
 from ._launch import finish, kernel_args, prepare
 from .configs import gemv_configs, prune_gemv
-from .dequant import _load_weight_tile
+from .dequant import _load_weight_tile, _store_tile
 from .layout import quant_matmul_ref
 
 GEMV_MAX_BLOCK_M = 16
@@ -116,16 +116,22 @@ def _gemv_kernel(
         acc += tl.sum(x.to(tl.float32)[:, :, None] * w.to(tl.float32)[None, :, :], axis=1)
 
     # ---- epilogue: bias (split 0 only), store or atomic-add ----------------------------------------
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-        acc += tl.where(pid_k == 0, bias, 0.0)[None, :]
-    mask = mask_m[:, None] & mask_n[None, :]
-    if SPLIT_K == 1:
-        y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
-    else:
-        acc_ptrs = acc_ptr + offs_m[:, None] * N + offs_n[None, :]
-        tl.atomic_add(acc_ptrs, acc, mask=mask, sem="relaxed")
+    _store_tile(
+        acc,
+        y_ptr,
+        acc_ptr,
+        bias_ptr,
+        offs_m,
+        offs_n,
+        mask_m,
+        mask_n,
+        pid_k,
+        stride_ym,
+        stride_yn,
+        N,
+        HAS_BIAS,
+        SPLIT_K,
+    )
 
 
 _gemv_kernel_tuned = triton.autotune(
