@@ -54,6 +54,7 @@ import resource
 import shlex
 import subprocess
 import sys
+import textwrap
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -157,6 +158,7 @@ class PeerSpec:
     args: tuple[str, ...]
     env: tuple[tuple[str, str], ...] = ()
     reference: str = ""  # what peer-results.md reports for this run
+    setup_note: str = ""
 
 
 PEERS: list[PeerSpec] = [
@@ -179,6 +181,8 @@ PEERS: list[PeerSpec] = [
         settings="w4 g128 sym, desc_act off (group-aware reordering on), damp 0.05",
         args=("--group-size", "128", "--damp", "0.05"),
         env=(("GPTQMODEL_CPU_WORKERS", "2"),),
+        setup_note="gptqmodel 7.7.0 requires torch>=2.14.1, so pip replaces the local CPU torch 2.13.0 wheel "
+        "with PyPI's torch 2.14.1 (the CUDA build: ~4.5 GB of nvidia-* wheels, ~6 GB venv; runs on CPU)",
         reference="peer-results.md: 3,589 s, 1.50 GiB, ppl 30.72 (40 windows)",
     ),
 ]
@@ -196,9 +200,9 @@ def peak_rss_bytes() -> int:
 
 
 def cpu_seconds() -> float:
-    """User + system CPU time of this process so far."""
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
+    """User + system CPU time of this process (and of its waited-for children) so far."""
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def load_average() -> float | None:
@@ -711,6 +715,24 @@ def evaluate_all(
     return out
 
 
+def stored_dtypes(path: Path) -> dict[str, str]:
+    """Tensor name -> safetensors dtype string ("F16", "F32", "I32" ...) from the headers only."""
+    from safetensors import safe_open
+
+    out: dict[str, str] = {}
+    for file in sorted(Path(path).glob("*.safetensors")):
+        with safe_open(str(file), "pt") as fh:
+            for key in fh.keys():  # noqa: SIM118 (safe_open has no __iter__)
+                out[key] = fh.get_slice(key).get_dtype()
+    return out
+
+
+def upcast_tensors(checkpoint: Path, float_dtypes: dict[str, str]) -> list[str]:
+    """Unquantized tensors stored wider than in the float checkpoint (F32 where it has F16/BF16)."""
+    mine = stored_dtypes(checkpoint)
+    return sorted(k for k, d in mine.items() if d == "F32" and float_dtypes.get(k) in ("F16", "BF16"))
+
+
 def _check_dense(model, window) -> float:
     """Max |logit| difference between the QuantLinear forward and the dense one on a short prefix."""
     import torch
@@ -760,6 +782,12 @@ def markdown_table(report: dict) -> str:
         if ppl is not None and float_ppl is not None and r["id"] != "float16":
             delta = 100 * (ppl / float_ppl - 1)
         notes = r.get("error") or r.get("note") or ""
+        if r.get("upcast_tensors"):
+            names = r["upcast_tensors"]
+            more = f" and {len(names) - 1} more" if len(names) > 1 else ""
+            notes = (
+                notes + "; " if notes else ""
+            ) + f"{names[0]}{more} stored as float32 (float16 in the input)"
         code, ref = r.get("code") or {}, report.get("code") or {}
         if code.get("commit") and code.get("commit") != ref.get("commit"):
             notes = (notes + "; " if notes else "") + f"quantized at llmquant {code['commit']}"
@@ -770,7 +798,7 @@ def markdown_table(report: dict) -> str:
         cells = [
             f"`{r['id']}`",
             r["library"],
-            r["settings"],
+            str(r["settings"]),
             r.get("format") or "—",
             _fmt(r.get("quant_seconds"), ".1f"),
             _fmt(r.get("quant_cpu_seconds"), ".0f"),
@@ -804,6 +832,10 @@ To measure the peers here: `python scripts/bench_quality.py --peers` (first use 
 `~/.cache/llmquant/peers/{llmcompressor,gptqmodel}`: venv, the CPU torch wheel first, then the pinned
 library; `--peers --dry-run` prints every command). Their checkpoints are evaluated with our evaluator
 after loading them with `llmquant.from_pretrained`; a checkpoint it cannot read is reported as such.
+That path has been exercised end to end on a tiny random LLaMA (both venvs install in 2–4 min, both
+peers quantize, llmquant loads and evaluates both checkpoints), not on SmolLM2. GPTQModel 7.7.0 requires
+torch>=2.14.1, so pip replaces the CPU torch 2.13.0 wheel in its venv with PyPI's CUDA build (~6 GB venv);
+on CPU it loads the model in bfloat16 by itself (`dtype="auto"`).
 """
 
 PEERS_MEASURED = """\
@@ -824,8 +856,7 @@ Measured {date} on {machine} ({minutes:.0f} min for the whole command), llmquant
 ```
 
 Protocol (the one in `../shared/reference/peer-results.md`):
-- Model: SmolLM2-135M-Instruct as a float16 HF checkpoint (`scripts/prepare_test_model.py`); it was
-  converted from a Q4_1 GGUF, so its "float" weights already carry 4-bit rounding of their own.
+- Model: {model}
 - Calibration: {n_samples} × {calib_seqlen} tokens cut consecutively from the start of
   `{calib_file}` (tokenized whole; {calib_tokens:,} tokens available), the identical ids for every
   quantizer, seed 0. GPTQ: damp 0.01, block 128, true-sequential (llmquant defaults).
@@ -833,18 +864,18 @@ Protocol (the one in `../shared/reference/peer-results.md`):
   non-overlapping {seqlen}-token windows ({n_tokens:,} predicted tokens), perplexity = exp(mean next-token
   NLL); KL = mean KL(P_float ‖ P_quant) per predicted token on the same positions. Every quantized
   model is loaded from its SAVED checkpoint with `llmquant.from_pretrained(path, dtype=torch.float32)`,
-  the float model with transformers in float32. {windows_note}
+  the float model with transformers in float32.{windows_note}
 - Quant time: wall clock of `llmquant.quantize()` alone, in a fresh process per run (model load,
   tokenization and saving excluded); quant CPU = user + system CPU seconds of that process over the
   same span (2 threads, so up to 2× the wall time on an idle machine). Peak RSS: `ru_maxrss` of that
   process at the end of quantization; it includes the float model, loaded whole in float16 (the
   process's RSS right after that load is the next column). Checkpoint: bytes of the saved
   `*.safetensors` (sym → `gptq`, asym → `gptq_v2`; the float row is the float16 checkpoint).
-- Machine: {machine}, shared with other jobs while this ran, so times are upper bounds; compare
-  ratios within the table.
+- Machine: {machine}, shared with other jobs while this ran{nice_note}, so times are
+  upper bounds; compare ratios within the table.
 
 {table}
-{peers}
+{extra}{peers}
 Every number, per-window NLL/KL, RSS and timings, and the command line are in `OUT/results.json`.
 """
 
@@ -853,14 +884,41 @@ def docs_section(report: dict, table: str) -> str:
     ev, cal, mach = report["eval"], report["calibration"], report["machine"]
     measured_peers = any(r.get("peer") and r.get("perplexity") is not None for r in report["runs"])
     windows_note = (
-        "This is fewer than the 40 windows of the peers' main table, to keep the run near an hour on this "
-        "CPU; peer-results.md also lists 12-window numbers, quoted below."
+        "\n  Fewer than the 40 windows of the peers' main table, to keep the run time down on this CPU;\n"
+        "  peer-results.md also lists 12-window numbers for some runs."
         if ev["n_windows"] < 40
         else ""
     )
+    extra = []
+    if "--resume" in report.get("argv", []):
+        extra.append(
+            "This invocation used `--resume`: checkpoints (and per-window results) of an earlier invocation "
+            "with identical run specs in the same output directory were reused, so their quant time, CPU "
+            "and RSS columns come from that earlier invocation (same machine, same day)."
+        )
+    ran = {r["id"] for r in report["runs"]}
+    missing = [r.id for r in RUNS if r.id not in ran]
+    if missing:
+        gptq = [
+            r["quant_seconds"] for r in report["runs"] if r["id"].startswith("gptq") and "quant_seconds" in r
+        ]
+        took = f"GPTQ took {min(gptq):.0f}–{max(gptq):.0f} s per run here" if gptq else "time"
+        extra.append(
+            f"Not run this time ({took}): "
+            + ", ".join(f"`{m}`" for m in missing)
+            + "; add them to the same table with `--resume --runs <all ids>`."
+        )
     return DOCS_TEMPLATE.format(
+        extra="".join(textwrap.fill(e, 105) + "\n\n" for e in extra),
         heading=DOCS_SECTION,
         date=report["date"],
+        nice_note=f" (at niceness {mach['niceness']})" if mach.get("niceness") else "",
+        model=(
+            "SmolLM2-135M-Instruct as a float16 HF checkpoint (`scripts/prepare_test_model.py`); it was\n"
+            '  converted from a Q4_1 GGUF, so its "float" weights already carry 4-bit rounding of their own.'
+            if report.get("default_model")
+            else f"`{report['model']}`"
+        ),
         commit=(report.get("code") or {}).get("commit"),
         machine=mach["description"],
         minutes=report["total_seconds"] / 60,
@@ -931,6 +989,7 @@ def _machine() -> dict[str, Any]:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "torch_threads": torch.get_num_threads(),
+        "niceness": os.nice(0),
     }
 
 
@@ -963,6 +1022,8 @@ def _dry_run(args, paths: dict[str, Path]) -> int:
         print(f"# virtualenv {args.peers_root / peer.name} ({state})")
         for cmd in peer_setup_commands(args.peers_root, peer):
             print(shlex.join(cmd))
+        if peer.setup_note:
+            print(f"# note: {peer.setup_note}")
         env = " ".join(f"{k}={v}" for k, v in peer.env)
         print((env + " " if env else "") + shlex.join(peer_command(args, peer, paths)))
     print(
@@ -1061,12 +1122,14 @@ def main(argv: list[str] | None = None) -> int:
     models: list[tuple[str, Any]] = [("float16", float_model)]
     stamps = {"__eval__": eval_sha, "float16": f"float:{paths['model']}"}
     check_window = eval_ids[: args.seqlen]
+    float_dtypes = stored_dtypes(paths["model"])
     for rid, res in results.items():
         if "error" in res:
             continue
         try:
             model = from_pretrained(res["checkpoint"], dtype=torch.float32, progress=False)
             res["dense_check_max_abs_diff"] = _check_dense(model, check_window)
+            res["upcast_tensors"] = upcast_tensors(Path(res["checkpoint"]), float_dtypes)
         except Exception as exc:  # a checkpoint our reader cannot load: say why in the table
             res["error"] = f"cannot load with llmquant.from_pretrained: {type(exc).__name__}: {exc}"[:300]
             continue
@@ -1095,7 +1158,11 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
     for peer in args.peer_specs:
         row = {"id": peer.run_id, "library": peer.label, "settings": peer.settings, "peer": True}
-        row.update({k: v for k, v in results[peer.run_id].items() if k != "spec"})
+        peer_result = dict(results[peer.run_id])
+        peer_result.pop("spec", None)
+        row["peer_args"] = peer_result.pop("settings", None)  # the peer script's argparse namespace
+        row["peer_library"] = peer_result.pop("library", None)
+        row.update(peer_result)
         row.update(metrics.get(peer.run_id, {}))
         row.setdefault("note", peer.reference)
         rows.append(row)
@@ -1106,6 +1173,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
         "machine": _machine(),
         "model": str(paths["model"]),
+        "default_model": args.model is None,
         "code": code,
         "calibration": {
             "file": str(args.calib_file),
