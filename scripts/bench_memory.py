@@ -58,8 +58,20 @@ def main() -> None:
     size = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
     calib = work / "calib.txt"
     calib.write_text(" ".join(f"w{i % 997}" for i in range(args.n_samples * args.seqlen * 4)))
-    cmd = [sys.executable, "-m", "llmquant.cli", "quantize", str(model_dir), "-o", str(out_dir),
-           "--method", args.method, "--group-size", "128", "--no-resume"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "llmquant.cli",
+        "quantize",
+        str(model_dir),
+        "-o",
+        str(out_dir),
+        "--method",
+        args.method,
+        "--group-size",
+        "128",
+        "--no-resume",
+    ]
     if args.method == "gptq":
         _tokenizer(model_dir, calib, args.vocab)
         cmd += ["--calib", str(calib), "--n-samples", str(args.n_samples), "--seqlen", str(args.seqlen)]
@@ -90,9 +102,13 @@ def _tokenizer(model_dir: Path, calib: Path, vocab: int) -> None:
     from transformers import PreTrainedTokenizerFast
 
     words = sorted(set(calib.read_text().split()))[: vocab - 2]
-    tok = Tokenizer(models.WordLevel({w: j + 2 for j, w in enumerate(words)} | {"<unk>": 0, "<s>": 1}, "<unk>"))
+    tok = Tokenizer(
+        models.WordLevel({w: j + 2 for j, w in enumerate(words)} | {"<unk>": 0, "<s>": 1}, "<unk>")
+    )
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>").save_pretrained(model_dir)
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>").save_pretrained(
+        model_dir
+    )
 
 
 if __name__ == "__main__":
