@@ -366,6 +366,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--peer-setup-only", action="store_true", help="create/install the peer venvs, then stop")
     p.add_argument("--dry-run", action="store_true", help="print the commands it would run; run nothing")
     p.add_argument(
+        "--note",
+        action="append",
+        default=[],
+        help="a paragraph of free text for the docs section, below the table (repeatable; kept in the JSON)",
+    )
+    p.add_argument(
         "--render-only",
         action="store_true",
         help="re-render OUT/results.md (and the docs with --append-docs) from OUT/results.json; run nothing",
@@ -876,7 +882,8 @@ Protocol (the one in `../shared/reference/peer-results.md`):
 
 {table}
 {extra}{peers}
-Every number, per-window NLL/KL, RSS and timings, and the command line are in `OUT/results.json`.
+Every number (per-window NLL/KL, RSS, CPU and wall times, code versions) and the command line are
+in `{results}` (not committed).
 """
 
 
@@ -896,13 +903,16 @@ def docs_section(report: dict, table: str) -> str:
             "with identical run specs in the same output directory were reused, so their quant time, CPU "
             "and RSS columns come from that earlier invocation (same machine, same day)."
         )
+    extra += list(report.get("notes", []))
     ran = {r["id"] for r in report["runs"]}
     missing = [r.id for r in RUNS if r.id not in ran]
     if missing:
         gptq = [
             r["quant_seconds"] for r in report["runs"] if r["id"].startswith("gptq") and "quant_seconds" in r
         ]
-        took = f"GPTQ took {min(gptq):.0f}–{max(gptq):.0f} s per run here" if gptq else "time"
+        span = f"{min(gptq):.0f}" if gptq and round(min(gptq)) == round(max(gptq)) else None
+        span = span or (f"{min(gptq):.0f}–{max(gptq):.0f}" if gptq else None)
+        took = f"GPTQ took {span} s per run here" if span else "time"
         extra.append(
             f"Not run this time ({took}): "
             + ", ".join(f"`{m}`" for m in missing)
@@ -935,6 +945,7 @@ def docs_section(report: dict, table: str) -> str:
         windows_note=windows_note,
         table=table,
         peers=PEERS_MEASURED if measured_peers else PEERS_FROM_REFERENCE,
+        results=report.get("results_display", "OUT/results.json"),
     )
 
 
@@ -1055,7 +1066,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         return _dry_run(args, paths)
     if args.render_only:
-        write_outputs(json.loads((out / "results.json").read_text()), out, args.append_docs)
+        report = json.loads((out / "results.json").read_text())
+        if args.note:  # notes given at render time replace the stored ones
+            report["notes"] = args.note
+            _write_json(out / "results.json", report)
+        write_outputs(report, out, args.append_docs)
         return 0
     if args.model is None:
         paths["model"] = _default_model()
@@ -1174,6 +1189,8 @@ def main(argv: list[str] | None = None) -> int:
         "machine": _machine(),
         "model": str(paths["model"]),
         "default_model": args.model is None,
+        "notes": args.note,
+        "results_display": _display(out / "results.json"),
         "code": code,
         "calibration": {
             "file": str(args.calib_file),
