@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from llmquant import pipeline
+from llmquant.arch import get_arch
 from llmquant.calibration import CalibrationBlocks, fingerprint
 from llmquant.config import GPTQConfig, QuantScheme, RTNConfig
 from llmquant.grid import quantize_weight
@@ -137,3 +138,66 @@ def test_unknown_architecture_is_a_clear_error(tiny_llama) -> None:
     tiny_llama.config.model_type = "gpt_neox"
     with pytest.raises(ValueError, match="add an ArchSpec"):
         pipeline.quantize(tiny_llama, RTNConfig(SCHEME), progress=False)
+
+
+class _RecordInputs:
+    """A calibrated 'method' that quantizes nothing: records each layer's cached inputs and what
+    ``collect_inputs`` feeds for every linear, so the walker's activations can be compared with the
+    model's own forward (weights stay float)."""
+
+    needs_calibration = True
+
+    def __init__(self) -> None:
+        self.layer_inputs: list[torch.Tensor] = []
+        self.module_inputs: dict[tuple[int, str], list[torch.Tensor]] = {}
+
+    def quantize_layer(self, layer, ctx) -> dict:
+        self.layer_inputs.append(torch.cat([x.clone() for x in ctx.inputs]))
+        for group in ctx.arch.sequential:
+
+            def add(name: str, x: torch.Tensor, index: int = ctx.index) -> None:
+                self.module_inputs.setdefault((index, name), []).append(x.clone())
+
+            ctx.collect_inputs(layer, [group[0]], add)
+        return {}
+
+
+def _reference_inputs(model, blocks: CalibrationBlocks, names) -> tuple[tuple, dict]:
+    """hidden_states and the (unpadded) inputs of every named linear from ONE full-model forward."""
+    seen: dict[str, torch.Tensor] = {}
+    handles = [
+        model.get_submodule(n).register_forward_pre_hook(lambda _m, a, n=n: seen.__setitem__(n, a[0]))
+        for n in names
+    ]
+    try:
+        with torch.no_grad():
+            out = model(blocks.input_ids, attention_mask=blocks.attention_mask, output_hidden_states=True)
+    finally:
+        for h in handles:
+            h.remove()
+    mask = blocks.attention_mask.bool()
+    return out.hidden_states, {n: x[mask] for n, x in seen.items()}
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("pad_tail", [0, 8])
+def test_walker_reproduces_the_model_forward(make_tiny_llama, monkeypatch, attn, pad_tail) -> None:
+    """Layer by layer, the cached activations equal the full model's hidden states, and every linear's
+    collected input equals its input in the full forward (causal mask, rotary, padding, early stop)."""
+    model = make_tiny_llama(layers=3)
+    model.set_attn_implementation(attn)
+    blocks = _blocks(n=6, seqlen=32, pad_tail=pad_tail)
+    arch_names = [g[0] for g in get_arch(model.config).sequential]
+    names = [f"model.layers.{i}.{n}" for i in range(3) for n in arch_names]
+    hidden, module_ref = _reference_inputs(model, blocks, names)
+    recorder = _RecordInputs()
+    monkeypatch.setattr(pipeline, "make_method", lambda _config: recorder)
+    pipeline.quantize(model, GPTQConfig(SCHEME), blocks, batch_size=4, progress=False)
+    mask = blocks.attention_mask.bool()
+    assert len(recorder.layer_inputs) == 3
+    for i, x in enumerate(recorder.layer_inputs):
+        torch.testing.assert_close(x[mask], hidden[i][mask], rtol=1e-5, atol=1e-5)
+    for i in range(3):
+        for name in arch_names:
+            got = torch.cat(recorder.module_inputs[(i, name)])
+            torch.testing.assert_close(got, module_ref[f"model.layers.{i}.{name}"], rtol=1e-5, atol=1e-5)
