@@ -35,13 +35,36 @@ GEMV_MAX_M = 4  # M above this uses the tensor-core GEMM
 SPLIT_K_MAX_M = 64  # GEMM split-K configs only for M up to this
 DEQUANT_MATMUL_MIN_M = 1024  # M at or above this: dequantize once + cuBLAS
 
-# BLOCK_M * BLOCK_K * BLOCK_N elements of the GEMV broadcast product kept per program (registers).
-GEMV_MAX_PRODUCT = 16384
+# BLOCK_M * (BLOCK_K / PACK) * BLOCK_N fp32 partial sums of the GEMV kept per program (registers).
+GEMV_MAX_PRODUCT = 8192
+# tl.dot needs a K extent of at least 16: the GEMM dots [BLOCK_M, BLOCK_K / PACK] x [BLOCK_K / PACK, BN].
+MIN_DOT_K = 16
+# LLMQUANT_TUNE=off: skip benchmarking, take the first config that survives pruning (fast tests).
+TUNE_ENV = "LLMQUANT_TUNE"
 
 
 def interpreting() -> bool:
     """True when Triton runs kernels in the numpy interpreter (read at call time, not import)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def tuning_enabled() -> bool:
+    """False when ``LLMQUANT_TUNE=off`` (read at tuning time): pruning then keeps one config."""
+    return os.environ.get(TUNE_ENV, "on").lower() not in ("off", "0", "false", "no")
+
+
+def bench_config(fn: Any, quantiles: Any = None) -> Any:
+    """Autotuner timer: a short ``do_bench`` (configs differ by far more than its noise)."""
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=5, rep=25, quantiles=quantiles)
+
+
+def autotune_timer() -> dict[str, Any]:
+    """``triton.autotune`` keyword for ``bench_config`` where the installed Triton takes one."""
+    import inspect
+
+    return {"do_bench": bench_config} if "do_bench" in inspect.signature(triton.autotune).parameters else {}
 
 
 def m_bucket(m: int) -> int:
@@ -64,35 +87,28 @@ def dequant_configs() -> list[triton.Config]:
         return [INTERPRET_DEQUANT]
     return [
         _cfg(w, s, BLOCK_K=bk, BLOCK_N=bn)
-        for bk in (32, 64, 128)
+        for bk in (64, 128, 256)
         for bn in (64, 128, 256)
         for w in (4, 8)
-        for s in (2, 3)
-        if bk * bn <= 16384
+        for s in (1, 2)
+        if bk * bn <= 32768
     ]
 
 
 def gemv_configs() -> list[triton.Config]:
     if interpreting():
         return [INTERPRET_GEMV]
-    # (BLOCK_N, BLOCK_K) tiles x split-K; prune_gemv drops what the M bucket's registers or the
-    # grid's occupancy rule out, so a shape times a dozen or two of these, not all 50.
+    # (BLOCK_N, BLOCK_K) word tiles x split-K; prune_gemv drops what the M bucket's registers, the
+    # group alignment or the grid's occupancy rule out, so a shape times a dozen or so.
     tiles = (
-        (16, 64),
-        (32, 64),
-        (32, 128),
-        (32, 256),
-        (64, 64),
-        (64, 128),
-        (64, 256),
-        (128, 64),
-        (128, 128),
-        (256, 64),
-    )
+        (32, 128), (64, 128), (128, 128), (256, 128), (64, 64), (128, 64), (64, 256), (128, 256), (32, 512),
+    )  # fmt: skip
     return [
-        _cfg(4 if bn * bk <= 8192 else 8, 2, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk)
+        _cfg(w, s, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk)
         for bn, bk in tiles
-        for sk in (1, 2, 4, 8, 16)
+        for sk in (1, 2, 4, 8)
+        for w, s in ((4, 2), (8, 3))
+        if w == 4 or bn >= 128
     ]
 
 
@@ -101,23 +117,23 @@ def gemm_configs() -> list[triton.Config]:
         return [INTERPRET_GEMM]
     configs = []
     for bm, bn, bk, w, s in (
-        # skinny M (16..64): wide N tiles, deep K, split-K fills the SMs
-        (16, 64, 128, 4, 4),
-        (16, 128, 128, 4, 4),
-        (16, 256, 64, 4, 4),
-        (32, 64, 128, 4, 4),
-        (32, 128, 64, 4, 4),
+        # skinny M (5..64): one MMA row tile, wide N tiles, split-K fills the SMs
+        (16, 64, 128, 4, 3),
+        (16, 128, 128, 4, 3),
+        (16, 256, 128, 8, 3),
+        (16, 128, 256, 4, 3),
+        (16, 64, 64, 4, 3),
+        (32, 128, 128, 4, 3),
+        (64, 128, 128, 4, 3),
         (64, 64, 128, 4, 4),
-        (64, 128, 64, 4, 4),
-        # mid M (64..1024): tensor-core tiles (BLOCK_M >= 64 and 4/8 warps so Hopper can use wgmma)
-        (64, 128, 64, 4, 3),
-        (64, 256, 64, 8, 3),
+        (64, 128, 256, 4, 3),
+        # mid M (64..1024)
+        (128, 128, 128, 8, 3),
+        (128, 256, 128, 8, 3),
         (128, 128, 64, 8, 3),
-        (128, 128, 32, 4, 4),
-        (128, 256, 64, 8, 3),
-        (128, 64, 64, 4, 4),
+        (128, 128, 256, 8, 3),
     ):
-        for sk in (1, 2, 4, 8):
+        for sk in (1, 2, 4):
             configs.append(_cfg(w, s, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, GROUP_M=8))
     return configs
 
@@ -151,52 +167,58 @@ def _prefer(configs: list[triton.Config], good: Iterable[bool]) -> list[triton.C
 
 
 def _occupancy_filter(configs: list[triton.Config], programs: list[int], sms: int) -> list[triton.Config]:
-    """Keep configs that launch between one and eight waves of programs, when some do."""
-    return _prefer(configs, (sms <= p <= 8 * sms for p in programs))
+    """Keep configs that launch between half a wave and eight waves of programs, when some do."""
+    return _prefer(configs, (sms // 2 <= p <= 8 * sms for p in programs))
+
+
+def _one_if_untuned(configs: list[triton.Config]) -> list[triton.Config]:
+    return configs if tuning_enabled() else configs[:1]
 
 
 def prune_gemv(configs: list[triton.Config], nargs: dict[str, Any], **kwargs: Any) -> list[triton.Config]:
     a = {**nargs, **kwargs}
-    n, k, gs, bm = a["N"], a["K"], a["GROUP_SIZE"], a["BLOCK_M"]
+    n, k, gs, bm, pack = a["N"], a["K"], a["GROUP_SIZE"], a["BLOCK_M"], 32 // a["BITS"]
     valid = [
         c
         for c in configs
         if _k_valid(c, k)
-        and bm * c.kwargs["BLOCK_K"] * c.kwargs["BLOCK_N"] <= GEMV_MAX_PRODUCT
+        and bm * (c.kwargs["BLOCK_K"] // pack) * c.kwargs["BLOCK_N"] <= GEMV_MAX_PRODUCT
         and c.kwargs["BLOCK_N"] <= max(32, triton.next_power_of_2(n))
     ]
     valid = valid or configs[:1]
     valid = _prefer(valid, (gs % c.kwargs["BLOCK_K"] == 0 for c in valid))
     programs = [triton.cdiv(n, c.kwargs["BLOCK_N"]) * c.kwargs["SPLIT_K"] for c in valid]
-    return _occupancy_filter(valid, programs, _sm_count(nargs))
+    return _one_if_untuned(_occupancy_filter(valid, programs, _sm_count(nargs)))
 
 
 def prune_gemm(configs: list[triton.Config], nargs: dict[str, Any], **kwargs: Any) -> list[triton.Config]:
     a = {**nargs, **kwargs}
-    m, n, k, gs = a["M"], a["N"], a["K"], a["GROUP_SIZE"]
+    m, n, k, gs, pack = a["M"], a["N"], a["K"], a["GROUP_SIZE"], 32 // a["BITS"]
     bucket = m_bucket(m)
     valid = []
     for c in configs:
         bm, sk = c.kwargs["BLOCK_M"], c.kwargs["SPLIT_K"]
-        if not _k_valid(c, k):
+        if not _k_valid(c, k) or c.kwargs["BLOCK_K"] // pack < MIN_DOT_K:
             continue
         if sk > 1 and m > SPLIT_K_MAX_M:
             continue  # the launcher allocated no split-K workspace
         if bm > max(16, bucket) or (bucket >= 128 and bm < 64):
             continue
         valid.append(c)
-    valid = valid or [c for c in configs if c.kwargs["SPLIT_K"] == 1][:1]
+    if not valid:  # every dot-valid config: the largest BLOCK_K, no split
+        deepest = max(c.kwargs["BLOCK_K"] for c in configs)
+        valid = [c for c in configs if c.kwargs["SPLIT_K"] == 1 and c.kwargs["BLOCK_K"] == deepest][:1]
     valid = _prefer(valid, (gs % c.kwargs["BLOCK_K"] == 0 for c in valid))
     programs = [
         triton.cdiv(m, c.kwargs["BLOCK_M"]) * triton.cdiv(n, c.kwargs["BLOCK_N"]) * c.kwargs["SPLIT_K"]
         for c in valid
     ]
-    return _occupancy_filter(valid, programs, _sm_count(nargs))
+    return _one_if_untuned(_occupancy_filter(valid, programs, _sm_count(nargs)))
 
 
 def prune_dequant(configs: list[triton.Config], nargs: dict[str, Any], **kwargs: Any) -> list[triton.Config]:
     gs = {**nargs, **kwargs}["GROUP_SIZE"]
-    return _prefer(configs, (gs % c.kwargs["BLOCK_K"] == 0 for c in configs))
+    return _one_if_untuned(_prefer(configs, (gs % c.kwargs["BLOCK_K"] == 0 for c in configs)))
 
 
 # --- tuned-config cache (JSON) ---------------------------------------------------------------------

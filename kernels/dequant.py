@@ -4,9 +4,12 @@ Layout (``layout.py``): ``qweight`` int32 [ceil(K*bits/32), N] packed along K, P
 per word, code k at bits [bits*(k % PACK), ...) of word k // PACK; ``scales`` fp16 [G, N]; ``zeros``
 uint8 [G, N] (true zero points); group of k = k // group_size, the last group may be short.
 
-Decomposition of ``_dequant_kernel``: grid (cdiv(K, BLOCK_K), cdiv(N, BLOCK_N)); each program gathers
-the words of its [BLOCK_K, BLOCK_N] tile (row k reads word k // PACK: rows sharing a word hit the same
-cache line), shifts and masks out the codes, dequantizes with ``_dequantize_tile`` and stores the tile.
+Decomposition of ``_dequant_kernel``: grid (cdiv(K, BLOCK_K), cdiv(N, BLOCK_N)); each program loads the
+[BLOCK_K / PACK, BLOCK_N] packed words of its tile once (``_load_words``: one load per word, not one per
+code), then for each of the PACK slices j shifts out the codes of rows k0 + w * PACK + j, dequantizes
+them with ``_dequantize_tile`` and stores those rows (each row contiguous along N). The matmul kernels
+walk the same word tiles slice by slice (``_slice_codes`` / ``_slice_rows``), loading the matching
+activation columns per slice, so nothing is ever reshaped.
 
 Exactness: ``_dequantize_tile`` computes float32(scale) * (q - zero) exactly (an fp16 scale has 11
 significant bits, |q - zero| < 256) and rounds once to the output dtype, so the result is bitwise equal
@@ -26,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import dequant_configs, prune_dequant
+from .configs import autotune_timer, dequant_configs, prune_dequant
 from .layout import dequantize_ref as _dequantize_ref
 
 SUPPORTED_BITS = (2, 4, 8)
@@ -53,8 +56,50 @@ def _dequantize_tile(codes, scale, zero, FP16_MATH: tl.constexpr):
 
 
 @triton.jit
-def _load_weight_tile(
+def _load_words(
     qweight_ptr,
+    k0,
+    offs_n,
+    K,
+    N,
+    stride_qk,
+    stride_qn,
+    BITS: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    EVEN_N: tl.constexpr,
+    EVICTION: tl.constexpr,
+):
+    """The packed words [BLOCK_K // PACK, BLOCK_N] holding codes k0 .. k0 + BLOCK_K of columns offs_n.
+
+    Each word is loaded once (no per-code duplicate loads). k0 is a multiple of BLOCK_K, itself a
+    multiple of PACK = 32 // BITS, so word row w of the tile holds codes k0 + w * PACK + j, j < PACK.
+    Rows past the packed tensor (ragged K, only when not EVEN_K) load as 0 (code 0, finite values).
+    """
+    PACK: tl.constexpr = 32 // BITS
+    offs_w = k0 // PACK + tl.arange(0, BLOCK_K // PACK)
+    ptrs = qweight_ptr + offs_w[:, None] * stride_qk + offs_n[None, :] * stride_qn
+    if EVEN_K and EVEN_N:
+        return tl.load(ptrs, eviction_policy=EVICTION)
+    mask = (offs_w < tl.cdiv(K, PACK))[:, None] & (offs_n < N)[None, :]
+    return tl.load(ptrs, mask=mask, other=0, eviction_policy=EVICTION)
+
+
+@triton.jit
+def _slice_codes(words, j, BITS: tl.constexpr):
+    """Codes int32 [BLOCK_K // PACK, BLOCK_N] of inputs k0 + w * PACK + j (slice j of a word tile)."""
+    return (words >> (j * BITS)) & ((1 << BITS) - 1)
+
+
+@triton.jit
+def _slice_rows(k0, j, BITS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Input indices k0 + w * PACK + j, w < BLOCK_K // PACK, of slice j of the tile at k0."""
+    PACK: tl.constexpr = 32 // BITS
+    return k0 + tl.arange(0, BLOCK_K // PACK) * PACK + j
+
+
+@triton.jit
+def _group_params(
     scales_ptr,
     zeros_ptr,
     offs_k,
@@ -62,55 +107,39 @@ def _load_weight_tile(
     k0,
     K,
     N,
-    stride_qk,
-    stride_qn,
     stride_sg,
     stride_sn,
     stride_zg,
     stride_zn,
-    BITS: tl.constexpr,
     GROUP_SIZE: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    EVEN_K: tl.constexpr,
     EVEN_N: tl.constexpr,
-    FP16_MATH: tl.constexpr,
-    WEIGHT_EVICTION: tl.constexpr,
+    EVICTION: tl.constexpr,
 ):
-    """Dequantized W^T tile [BLOCK_K, BLOCK_N] for rows offs_k (= k0 + arange) and columns offs_n.
+    """(scale fp16, zero uint8) for rows offs_k x columns offs_n, broadcastable to [len(offs_k), BLOCK_N].
 
-    Rows k >= K (ragged tail, only when not EVEN_K) come out as finite values (code 0); the caller
-    zeroes the matching activations. If GROUP_SIZE % BLOCK_K == 0 the whole tile lies in group
-    k0 // GROUP_SIZE (k0 is a multiple of BLOCK_K) and scales/zeros are one [1, BLOCK_N] row per tile;
-    otherwise they are gathered per row (still exact for the ragged last group).
+    If GROUP_SIZE % BLOCK_K == 0 the whole tile at k0 lies in group k0 // GROUP_SIZE: one [1, BLOCK_N]
+    row each (loaded once per tile). Otherwise they are gathered per row (exact for a ragged last group).
     """
-    PACK: tl.constexpr = 32 // BITS
-    mask_k = offs_k < K
-    mask_n = offs_n < N
-    q_ptrs = qweight_ptr + (offs_k // PACK)[:, None] * stride_qk + offs_n[None, :] * stride_qn
-    if EVEN_K and EVEN_N:
-        words = tl.load(q_ptrs, eviction_policy=WEIGHT_EVICTION)
-    else:
-        mask = mask_k[:, None] & mask_n[None, :]
-        words = tl.load(q_ptrs, mask=mask, other=0, eviction_policy=WEIGHT_EVICTION)
-    codes = (words >> ((offs_k % PACK) * BITS)[:, None]) & ((1 << BITS) - 1)
     if GROUP_SIZE % BLOCK_K == 0:
         g = k0 // GROUP_SIZE
         s_ptrs = scales_ptr + g * stride_sg + offs_n * stride_sn
         z_ptrs = zeros_ptr + g * stride_zg + offs_n * stride_zn
         if EVEN_N:
-            scale = tl.load(s_ptrs, eviction_policy=WEIGHT_EVICTION)[None, :]
-            zero = tl.load(z_ptrs, eviction_policy=WEIGHT_EVICTION)[None, :]
+            scale = tl.load(s_ptrs, eviction_policy=EVICTION)[None, :]
+            zero = tl.load(z_ptrs, eviction_policy=EVICTION)[None, :]
         else:
-            scale = tl.load(s_ptrs, mask=mask_n, other=0.0, eviction_policy=WEIGHT_EVICTION)[None, :]
-            zero = tl.load(z_ptrs, mask=mask_n, other=0, eviction_policy=WEIGHT_EVICTION)[None, :]
+            mask_n = offs_n < N
+            scale = tl.load(s_ptrs, mask=mask_n, other=0.0, eviction_policy=EVICTION)[None, :]
+            zero = tl.load(z_ptrs, mask=mask_n, other=0, eviction_policy=EVICTION)[None, :]
     else:
         g = offs_k // GROUP_SIZE
         s_ptrs = scales_ptr + g[:, None] * stride_sg + offs_n[None, :] * stride_sn
         z_ptrs = zeros_ptr + g[:, None] * stride_zg + offs_n[None, :] * stride_zn
-        mask = mask_k[:, None] & mask_n[None, :]
-        scale = tl.load(s_ptrs, mask=mask, other=0.0, eviction_policy=WEIGHT_EVICTION)
-        zero = tl.load(z_ptrs, mask=mask, other=0, eviction_policy=WEIGHT_EVICTION)
-    return _dequantize_tile(codes, scale, zero, FP16_MATH)
+        mask = (offs_k < K)[:, None] & (offs_n < N)[None, :]
+        scale = tl.load(s_ptrs, mask=mask, other=0.0, eviction_policy=EVICTION)
+        zero = tl.load(z_ptrs, mask=mask, other=0, eviction_policy=EVICTION)
+    return scale, zero
 
 
 @triton.jit
@@ -181,25 +210,30 @@ def _dequant_kernel(
     pid_k = tl.program_id(0)
     pid_n = tl.program_id(1)
     k0 = pid_k * BLOCK_K
-    offs_k = k0 + tl.arange(0, BLOCK_K)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    w = _load_weight_tile(
-        qweight_ptr, scales_ptr, zeros_ptr, offs_k, offs_n, k0, K, N,
-        stride_qk, stride_qn, stride_sg, stride_sn, stride_zg, stride_zn,
-        BITS, GROUP_SIZE, BLOCK_K, EVEN_K, EVEN_N, FP16_MATH, "evict_first",
+    words = _load_words(
+        qweight_ptr, k0, offs_n, K, N, stride_qk, stride_qn, BITS, BLOCK_K, EVEN_K, EVEN_N, "evict_first"
     )  # fmt: skip
-    out_ptrs = out_ptr + offs_k[:, None] * stride_ok + offs_n[None, :] * stride_on
-    w = w.to(out_ptr.dtype.element_ty)
-    if EVEN_K and EVEN_N:
-        tl.store(out_ptrs, w)
-    else:
-        tl.store(out_ptrs, w, mask=(offs_k < K)[:, None] & (offs_n < N)[None, :])
+    for j in tl.static_range(32 // BITS):
+        offs_k = _slice_rows(k0, j, BITS, BLOCK_K)
+        scale, zero = _group_params(
+            scales_ptr, zeros_ptr, offs_k, offs_n, k0, K, N, stride_sg, stride_sn, stride_zg, stride_zn,
+            GROUP_SIZE, BLOCK_K, EVEN_N, "evict_first",
+        )  # fmt: skip
+        w = _dequantize_tile(_slice_codes(words, j, BITS), scale, zero, FP16_MATH)
+        out_ptrs = out_ptr + offs_k[:, None] * stride_ok + offs_n[None, :] * stride_on
+        w = w.to(out_ptr.dtype.element_ty)
+        if EVEN_K and EVEN_N:
+            tl.store(out_ptrs, w)
+        else:
+            tl.store(out_ptrs, w, mask=(offs_k < K)[:, None] & (offs_n < N)[None, :])
 
 
 _dequant_kernel_tuned = triton.autotune(
     configs=dequant_configs(),
     key=["K", "N", "BITS", "GROUP_SIZE"],
     prune_configs_by={"early_config_prune": prune_dequant},
+    **autotune_timer(),
 )(_dequant_kernel)
 
 _TORCH_DTYPES = (torch.float16, torch.bfloat16, torch.float32)

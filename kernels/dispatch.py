@@ -12,8 +12,10 @@ Path chosen per call (host-side, from shapes and devices only: no device sync, g
     is compute-bound and the dequantized copy's traffic is amortized.
 
 The custom op (with a ``register_fake`` giving the output's shape/dtype) keeps ``torch.compile`` from
-graph-breaking on the Triton launch; on CPU it runs the reference. Under CUDA graphs, warm every shape
-up once before capture (Triton compiles and autotunes on first use; neither may happen while capturing).
+graph-breaking on the Triton launch; on CPU it runs the reference. Eager calls skip the custom-op
+wrapper (its Python dispatch costs more than a decode-sized kernel); compiled code goes through it.
+Under CUDA graphs, warm every shape up once before capture (Triton compiles and autotunes on first
+use; neither may happen while capturing).
 """
 
 from __future__ import annotations
@@ -119,4 +121,7 @@ def quant_matmul(
     "triton" (force the kernels, e.g. on CPU under TRITON_INTERPRET=1) or "reference".
     """
     gs = x.shape[-1] if group_size is None else int(group_size)
-    return torch.ops.llmquant.quant_matmul(x, qweight, scales, zeros, int(bits), gs, perm, bias, backend)
+    if torch.compiler.is_compiling():  # keep dynamo from tracing into the Triton launch
+        return torch.ops.llmquant.quant_matmul(x, qweight, scales, zeros, int(bits), gs, perm, bias, backend)
+    # eager: call the dispatch directly (the custom-op wrapper costs tens of microseconds per call)
+    return quant_matmul_impl(x, qweight, scales, zeros, int(bits), gs, perm, bias, backend)

@@ -8,13 +8,17 @@ Decomposition of ``_gemm_kernel``: grid (cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N), SP
 
 - Program order: tiles are visited in groups of GROUP_M rows of M-tiles (Triton matmul tutorial), so
   programs running together share weight tiles in L2 instead of each streaming its own.
-- Each program walks its contiguous K range in BLOCK_K steps: loads the [BLOCK_M, BLOCK_K] activation
-  tile (``evict_last``; act-order gathers columns via ``perm``), streams and dequantizes the
-  [BLOCK_K, BLOCK_N] weight tile (``dequant._load_weight_tile``: one scale/zero row per tile when
-  BLOCK_K divides group_size, magic-number int->float), rounds it to x's dtype and feeds both to
-  ``tl.dot`` with an fp32 accumulator (mma / wgmma; fp32 activations use exact "ieee" dots).
-  Weights are loaded ``evict_first`` when one M tile covers all rows (each weight byte read once),
-  with the default policy otherwise (other M tiles re-read them from L2).
+- Each program walks its contiguous K range in BLOCK_K steps. Per step it loads the tile's packed words
+  once (``dequant._load_words``, [BLOCK_K / PACK, BLOCK_N]: one load per word) and its group's
+  scale/zero row (when BLOCK_K divides group_size; gathered per row otherwise), then for each of the
+  PACK slices j (inputs k0 + w * PACK + j, w < BLOCK_K / PACK) shifts the codes out, dequantizes them
+  (magic-number int->float, fp16 math for fp16 activations: bitwise the reference's W), loads the
+  matching [BLOCK_M, BLOCK_K / PACK] activation columns (``evict_last``; act-order gathers them via
+  ``perm``) and issues ``tl.dot`` with an fp32 accumulator. Slicing the K axis by j instead of
+  reshaping the codes keeps every operand a plain 2-D tile; a dot needs BLOCK_K / PACK >= 16 (pruned).
+  fp32 activations use exact "ieee" dots. Weights are loaded ``evict_first`` when one M tile covers
+  all rows (each weight byte read once), with the default policy otherwise (other M tiles re-read
+  them from L2).
 - Epilogue: bias (split 0), then a masked store in x's dtype (SPLIT_K == 1) or fp32 ``atomic_add``
   into the zeroed workspace that the launcher casts (SPLIT_K > 1, only for M <= ``SPLIT_K_MAX_M``).
 
@@ -29,8 +33,15 @@ import triton
 import triton.language as tl
 
 from ._launch import finish, kernel_args, prepare
-from .configs import SPLIT_K_MAX_M, gemm_configs, m_bucket, prune_gemm
-from .dequant import _load_weight_tile, _store_tile
+from .configs import SPLIT_K_MAX_M, autotune_timer, gemm_configs, m_bucket, prune_gemm
+from .dequant import (
+    _dequantize_tile,
+    _group_params,
+    _load_words,
+    _slice_codes,
+    _slice_rows,
+    _store_tile,
+)
 from .layout import quant_matmul_ref
 
 
@@ -86,6 +97,7 @@ def _gemm_kernel(
     WEIGHT_EVICTION: tl.constexpr,
 ):
     # ---- map program id -> (pid_m, pid_n), grouped for L2 reuse ------------------------------------
+    PACK: tl.constexpr = 32 // BITS
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -105,27 +117,37 @@ def _gemm_kernel(
     k_start = pid_k * k_split
     k_end = tl.minimum(k_start + k_split, K)
 
-    # ---- main loop: dequantize a weight tile, tensor-core dot, fp32 accumulate ---------------------
+    # ---- main loop: per word tile, PACK slices of dequantize + tensor-core dot, fp32 accumulate ----
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < K
-        if HAS_PERM:
-            x_cols = tl.load(perm_ptr + offs_k, mask=mask_k, other=0, eviction_policy="evict_last")
-        else:
-            x_cols = offs_k
-        x_ptrs = x_ptr + offs_m[:, None] * stride_xm + x_cols[None, :] * stride_xk
-        x_mask = mask_m[:, None] if EVEN_K else mask_m[:, None] & mask_k[None, :]
-        x = tl.load(x_ptrs, mask=x_mask, other=0.0, eviction_policy="evict_last")
-        w = _load_weight_tile(
-            qweight_ptr, scales_ptr, zeros_ptr, offs_k, offs_n, k0, K, N,
-            stride_qk, stride_qn, stride_sg, stride_sn, stride_zg, stride_zn,
-            BITS, GROUP_SIZE, BLOCK_K, EVEN_K, EVEN_N, FP16_MATH, WEIGHT_EVICTION,
-        ).to(x.dtype)  # fmt: skip
-        if FP32_DOT:  # noqa: SIM108 -- static constexpr branch; fp32 needs exact "ieee" dots (default: tf32)
-            acc = tl.dot(x, w, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(x, w, acc)
+        words = _load_words(
+            qweight_ptr, k0, offs_n, K, N, stride_qk, stride_qn,
+            BITS, BLOCK_K, EVEN_K, EVEN_N, WEIGHT_EVICTION,
+        )  # fmt: skip
+        scale, zero = _group_params(
+            scales_ptr, zeros_ptr, _slice_rows(k0, 0, BITS, BLOCK_K), offs_n, k0, K, N,
+            stride_sg, stride_sn, stride_zg, stride_zn, GROUP_SIZE, BLOCK_K, EVEN_N, WEIGHT_EVICTION,
+        )  # fmt: skip
+        for j in tl.static_range(PACK):
+            offs_k = _slice_rows(k0, j, BITS, BLOCK_K)  # inputs k0 + w * PACK + j
+            mask_k = offs_k < K
+            if GROUP_SIZE % BLOCK_K != 0:  # tile straddles groups: per-row scales/zeros
+                scale, zero = _group_params(
+                    scales_ptr, zeros_ptr, offs_k, offs_n, k0, K, N, stride_sg, stride_sn,
+                    stride_zg, stride_zn, GROUP_SIZE, BLOCK_K, EVEN_N, WEIGHT_EVICTION,
+                )  # fmt: skip
+            if HAS_PERM:
+                x_cols = tl.load(perm_ptr + offs_k, mask=mask_k, other=0, eviction_policy="evict_last")
+            else:
+                x_cols = offs_k
+            x_ptrs = x_ptr + offs_m[:, None] * stride_xm + x_cols[None, :] * stride_xk
+            x_mask = mask_m[:, None] if EVEN_K else mask_m[:, None] & mask_k[None, :]
+            x = tl.load(x_ptrs, mask=x_mask, other=0.0, eviction_policy="evict_last")
+            w = _dequantize_tile(_slice_codes(words, j, BITS), scale, zero, FP16_MATH).to(x.dtype)
+            if FP32_DOT:  # noqa: SIM108 -- constexpr branch; fp32 needs exact "ieee" dots (default: tf32)
+                acc = tl.dot(x, w, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(x, w, acc)
 
     # ---- epilogue: bias (split 0 only), store or atomic-add ----------------------------------------
     _store_tile(
@@ -150,6 +172,7 @@ _gemm_kernel_tuned = triton.autotune(
     configs=gemm_configs(),
     key=["N", "K", "m_bucket", "BITS", "GROUP_SIZE"],
     prune_configs_by={"early_config_prune": prune_gemm},
+    **autotune_timer(),
     reset_to_zero=["acc_ptr"],
 )(_gemm_kernel)
 

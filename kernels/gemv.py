@@ -8,14 +8,21 @@ Decomposition of ``_gemv_kernel``: grid (cdiv(N, BLOCK_N), SPLIT_K). Program (n,
 [n*BLOCK_N, (n+1)*BLOCK_N) for all M rows (BLOCK_M = next_power_of_2(M) <= 16) and the contiguous
 K range s*K_SPLIT .. (s+1)*K_SPLIT, K_SPLIT a multiple of BLOCK_K. Per BLOCK_K step it
 
-1. streams a [BLOCK_K, BLOCK_N] tile of packed weights (``evict_first``: read exactly once) and its
-   group's scales/zeros (one row per tile when BLOCK_K divides group_size),
-2. dequantizes it with the magic-number int->float trick (``dequant._dequantize_tile``; fp16 math for
-   fp16 activations, fp32 otherwise),
-3. loads the [BLOCK_M, BLOCK_K] activation tile (``evict_last``: every program re-reads x; act-order
-   gathers columns through ``perm`` here, so x is never permuted in memory) and accumulates
-   ``sum_k x[m, k] * w[k, n]`` on CUDA cores (broadcast product + ``tl.sum``; no tensor cores, which
-   would pad M to 16).
+1. streams the [BLOCK_K / PACK, BLOCK_N] packed words of the tile (``evict_first``: read exactly once;
+   one load per word) and, when BLOCK_K divides group_size, the group's one row of scales/zeros,
+2. for each of the PACK slices j (inputs k0 + w * PACK + j): shifts out the codes, converts them with
+   the fp32 magic number (bits(0x4B000000 | q) = 2^23 + q, minus 2^23 + z: exactly q - z, two integer
+   ops and one FADD per weight, no I2F), loads the matching [BLOCK_M, BLOCK_K / PACK] activation
+   columns (``evict_last``: every program re-reads x; act-order gathers them through ``perm``, so x is
+   never permuted in memory) and accumulates x * (q - z) with one FFMA per weight and row into an fp32
+   [BLOCK_M, BLOCK_K / PACK, BLOCK_N] tile,
+3. reduces that tile over K and multiplies by the group's scales once per tile (scales factored out of
+   the inner product). A tile that straddles groups (BLOCK_K not dividing group_size, ragged groups)
+   gathers scales per row and applies them per weight instead.
+
+Numerics: y = sum_g s_g * sum_{k in g} x_k (q_k - z_g) in fp32. The weight is never rounded to the
+activation dtype, so the result differs from ``quant_matmul_ref`` (which rounds W once to x's dtype)
+by at most that rounding: within the fp32-accumulation tolerances the tests use.
 
 The fp32 partial sums are stored directly (SPLIT_K == 1) or ``atomic_add``-ed into a zeroed fp32
 workspace that the launcher casts to x's dtype (SPLIT_K > 1; lets a handful of output tiles fill all
@@ -29,8 +36,8 @@ import triton
 import triton.language as tl
 
 from ._launch import finish, kernel_args, prepare
-from .configs import gemv_configs, prune_gemv
-from .dequant import _load_weight_tile, _store_tile
+from .configs import autotune_timer, gemv_configs, prune_gemv
+from .dequant import _FP32_MAGIC, _group_params, _load_words, _slice_codes, _slice_rows, _store_tile
 from .layout import quant_matmul_ref
 
 GEMV_MAX_BLOCK_M = 16
@@ -72,8 +79,8 @@ def _gemv_kernel(
     # meta-parameters
     BITS: tl.constexpr,
     GROUP_SIZE: tl.constexpr,
-    FP16_MATH: tl.constexpr,
-    FP32_DOT: tl.constexpr,  # unused here (no tl.dot); shared flag set
+    FP16_MATH: tl.constexpr,  # unused here (fp32 math throughout); shared flag set
+    FP32_DOT: tl.constexpr,  # unused here (no tl.dot)
     HAS_PERM: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -83,6 +90,7 @@ def _gemv_kernel(
     EVEN_K: tl.constexpr,
     EVEN_N: tl.constexpr,
 ):
+    PACK: tl.constexpr = 32 // BITS
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
 
@@ -98,22 +106,40 @@ def _gemv_kernel(
     # ---- stream weights, accumulate in fp32 --------------------------------------------------------
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < K
-        w = _load_weight_tile(
-            qweight_ptr, scales_ptr, zeros_ptr, offs_k, offs_n, k0, K, N,
-            stride_qk, stride_qn, stride_sg, stride_sn, stride_zg, stride_zn,
-            BITS, GROUP_SIZE, BLOCK_K, EVEN_K, EVEN_N, FP16_MATH, "evict_first",
+        words = _load_words(
+            qweight_ptr, k0, offs_n, K, N, stride_qk, stride_qn, BITS, BLOCK_K, EVEN_K, EVEN_N, "evict_first"
         )  # fmt: skip
-        if HAS_PERM:
-            x_cols = tl.load(perm_ptr + offs_k, mask=mask_k, other=0, eviction_policy="evict_last")
-        else:
-            x_cols = offs_k
-        x_ptrs = x_ptr + offs_m[:, None] * stride_xm + x_cols[None, :] * stride_xk
-        x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0, eviction_policy="evict_last")
-        w = w.to(x.dtype)  # round W to the activation dtype once, as the reference does
-        # [BLOCK_M, BLOCK_K, 1] * [1, BLOCK_K, BLOCK_N] -> sum over K -> [BLOCK_M, BLOCK_N]
-        acc += tl.sum(x.to(tl.float32)[:, :, None] * w.to(tl.float32)[None, :, :], axis=1)
+        # one scale/zero row per tile when the tile lies in one group (offs_k unused then)
+        scale, zero = _group_params(
+            scales_ptr, zeros_ptr, _slice_rows(k0, 0, BITS, BLOCK_K), offs_n, k0, K, N,
+            stride_sg, stride_sn, stride_zg, stride_zn, GROUP_SIZE, BLOCK_K, EVEN_N, "evict_first",
+        )  # fmt: skip
+        zf = (zero.to(tl.int32) | _FP32_MAGIC).to(tl.float32, bitcast=True)  # 2^23 + z
+        part = tl.zeros((BLOCK_M, BLOCK_K // PACK, BLOCK_N), dtype=tl.float32)
+        for j in tl.static_range(PACK):
+            offs_k = _slice_rows(k0, j, BITS, BLOCK_K)
+            qf = (_slice_codes(words, j, BITS) | _FP32_MAGIC).to(tl.float32, bitcast=True)  # 2^23 + q
+            if GROUP_SIZE % BLOCK_K == 0:
+                w = qf - zf  # q - z, exact
+            else:  # tile straddles groups: per-row scales/zeros
+                s_j, z_j = _group_params(
+                    scales_ptr, zeros_ptr, offs_k, offs_n, k0, K, N,
+                    stride_sg, stride_sn, stride_zg, stride_zn, GROUP_SIZE, BLOCK_K, EVEN_N, "evict_first",
+                )  # fmt: skip
+                w = (qf - (z_j.to(tl.int32) | _FP32_MAGIC).to(tl.float32, bitcast=True)) * s_j.to(tl.float32)
+            mask_k = offs_k < K
+            if HAS_PERM:
+                x_cols = tl.load(perm_ptr + offs_k, mask=mask_k, other=0, eviction_policy="evict_last")
+            else:
+                x_cols = offs_k
+            x_ptrs = x_ptr + offs_m[:, None] * stride_xm + x_cols[None, :] * stride_xk
+            x_mask = mask_m[:, None] if EVEN_K else mask_m[:, None] & mask_k[None, :]
+            x = tl.load(x_ptrs, mask=x_mask, other=0.0, eviction_policy="evict_last").to(tl.float32)
+            part += x[:, :, None] * w[None, :, :]
+        tile = tl.sum(part, axis=1)  # [BLOCK_M, BLOCK_N]
+        if GROUP_SIZE % BLOCK_K == 0:
+            tile = tile * scale.to(tl.float32)
+        acc += tile
 
     # ---- epilogue: bias (split 0 only), store or atomic-add ----------------------------------------
     _store_tile(
@@ -138,6 +164,7 @@ _gemv_kernel_tuned = triton.autotune(
     configs=gemv_configs(),
     key=["N", "K", "BLOCK_M", "BITS", "GROUP_SIZE"],
     prune_configs_by={"early_config_prune": prune_gemv},
+    **autotune_timer(),
     reset_to_zero=["acc_ptr"],
 )(_gemv_kernel)
 

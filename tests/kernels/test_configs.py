@@ -38,20 +38,28 @@ def test_interpreter_collapses_to_one_config() -> None:
 @pytest.mark.parametrize(("n", "k", "gs", "m"), [(4096, 4096, 128, 1), (11008, 4096, 128, 4), (8, 96, 32, 2)])
 def test_prune_gemv(gpu_lists: None, n: int, k: int, gs: int, m: int) -> None:
     block_m = triton.next_power_of_2(m)
-    kept = configs.prune_gemv(configs.gemv_configs(), {"N": n, "K": k}, GROUP_SIZE=gs, BLOCK_M=block_m)
+    kept = configs.prune_gemv(
+        configs.gemv_configs(), {"N": n, "K": k}, GROUP_SIZE=gs, BLOCK_M=block_m, BITS=4
+    )
     assert kept
     for c in kept:
-        assert block_m * c.kwargs["BLOCK_K"] * c.kwargs["BLOCK_N"] <= configs.GEMV_MAX_PRODUCT
+        assert block_m * (c.kwargs["BLOCK_K"] // 8) * c.kwargs["BLOCK_N"] <= configs.GEMV_MAX_PRODUCT
         assert c.kwargs["SPLIT_K"] == 1 or triton.cdiv(k, c.kwargs["BLOCK_K"]) >= 2 * c.kwargs["SPLIT_K"]
     if k >= 1024:
         assert all(gs % c.kwargs["BLOCK_K"] == 0 for c in kept)  # one scale row per tile
 
 
 @pytest.mark.parametrize("m", [5, 16, 64, 65, 512])
-def test_prune_gemm(gpu_lists: None, m: int) -> None:
-    kept = configs.prune_gemm(configs.gemm_configs(), {"M": m, "N": 4096, "K": 4096}, GROUP_SIZE=128)
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_prune_gemm(gpu_lists: None, m: int, bits: int) -> None:
+    kept = configs.prune_gemm(
+        configs.gemm_configs(), {"M": m, "N": 4096, "K": 4096}, GROUP_SIZE=128, BITS=bits
+    )
     assert kept
-    assert all(128 % c.kwargs["BLOCK_K"] == 0 for c in kept)
+    # every dot has K >= 16: BLOCK_K / (codes per word) >= MIN_DOT_K
+    assert all(c.kwargs["BLOCK_K"] // (32 // bits) >= configs.MIN_DOT_K for c in kept)
+    if bits >= 4:  # 2-bit needs BLOCK_K >= 256, which straddles g128 groups
+        assert all(128 % c.kwargs["BLOCK_K"] == 0 for c in kept)
     if m > configs.SPLIT_K_MAX_M:
         assert all(c.kwargs["SPLIT_K"] == 1 for c in kept)  # no workspace is allocated there
     if m >= 128:
@@ -59,9 +67,18 @@ def test_prune_gemm(gpu_lists: None, m: int) -> None:
 
 
 def test_prune_never_empty(gpu_lists: None) -> None:
-    assert configs.prune_gemm(configs.gemm_configs(), {"M": 1, "N": 1, "K": 1}, GROUP_SIZE=1024)
-    assert configs.prune_gemv(configs.gemv_configs(), {"N": 1, "K": 1}, GROUP_SIZE=1024, BLOCK_M=16)
+    kept = configs.prune_gemm(configs.gemm_configs(), {"M": 1, "N": 1, "K": 1}, GROUP_SIZE=1024, BITS=2)
+    assert kept and all(c.kwargs["BLOCK_K"] // 16 >= configs.MIN_DOT_K for c in kept)
+    assert configs.prune_gemv(configs.gemv_configs(), {"N": 1, "K": 1}, GROUP_SIZE=1024, BLOCK_M=16, BITS=4)
     assert configs.prune_dequant(configs.dequant_configs(), {}, GROUP_SIZE=3)
+
+
+def test_tune_off_keeps_one_config(gpu_lists: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    args = ({"M": 64, "N": 11008, "K": 4096},)
+    tuned = configs.prune_gemm(configs.gemm_configs(), *args, GROUP_SIZE=128, BITS=4)
+    monkeypatch.setenv(configs.TUNE_ENV, "off")
+    assert configs.prune_gemm(configs.gemm_configs(), *args, GROUP_SIZE=128, BITS=4) == tuned[:1]
+    assert len(tuned) > 1
 
 
 def test_dump_and_load_tuned(tmp_path) -> None:  # noqa: ANN001

@@ -9,11 +9,20 @@ import pytest
 import torch
 from kernel_helpers import TOLERANCES, make_layout
 from llmquant.kernels import dequant, dequant_ref, gemm, gemv, quant_matmul, quant_matmul_ref
+from llmquant.kernels.configs import TUNE_ENV
 
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
+
+
+@pytest.fixture(autouse=True)
+def untuned(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Correctness tests take the first pruned config (no benchmarking: minutes saved);
+    ``test_autotuned_matches_reference`` turns tuning back on."""
+    monkeypatch.setenv(TUNE_ENV, "off")
+
 
 SHAPES = [  # (N, K, group_size)
     (4096, 4096, 128),
@@ -36,13 +45,7 @@ def test_dequant_bitwise_gpu(dtype: torch.dtype, bits: int, n: int, k: int, gs: 
     assert torch.equal(dequant(*args, dtype=dtype), dequant_ref(*args, dtype=dtype))
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("m", [1, 3, 8, 16, 33, 128, 300, 2048])
-@pytest.mark.parametrize(("n", "k", "gs"), SHAPES)
-@pytest.mark.parametrize(
-    ("bits", "sym", "act_order"), [(4, True, False), (4, False, True), (8, False, False), (2, True, True)]
-)
-def test_quant_matmul_autotuned(dtype, m, n, k, gs, bits, sym, act_order) -> None:  # noqa: ANN001
+def _check_matmul(dtype, m, n, k, gs, bits, sym, act_order) -> None:  # noqa: ANN001
     lay = make_layout(n, k, bits, gs, sym, act_order=act_order, device="cuda")
     gen = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(m, k, generator=gen, device="cuda").to(dtype)
@@ -53,6 +56,25 @@ def test_quant_matmul_autotuned(dtype, m, n, k, gs, bits, sym, act_order) -> Non
     tol = dict(TOLERANCES[dtype])
     tol["atol"] = tol["atol"] * (k / 64) ** 0.5
     torch.testing.assert_close(y, ref, **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m", [1, 3, 16, 33, 300, 2048])
+@pytest.mark.parametrize(("n", "k", "gs"), SHAPES)
+@pytest.mark.parametrize(
+    ("bits", "sym", "act_order"), [(4, True, False), (4, False, True), (8, False, False), (2, True, True)]
+)
+def test_quant_matmul_gpu(dtype, m, n, k, gs, bits, sym, act_order) -> None:  # noqa: ANN001
+    """Every dispatch path (gemv, gemm, dequant + cuBLAS) on its first pruned config."""
+    _check_matmul(dtype, m, n, k, gs, bits, sym, act_order)
+
+
+@pytest.mark.parametrize("m", [1, 4, 16, 64, 512])
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_autotuned_matches_reference(m: int, bits: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With autotuning on, whichever config wins (split-K or not) still matches the reference."""
+    monkeypatch.setenv(TUNE_ENV, "on")
+    _check_matmul(torch.float16, m, 3072, 2048, 128, bits, False, False)
 
 
 @pytest.mark.parametrize("op", [gemv, gemm])
