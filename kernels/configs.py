@@ -16,8 +16,8 @@ enough programs to fill the SMs). Under ``TRITON_INTERPRET=1`` each list collaps
 Tuned results live in each ``triton.Autotuner``'s ``cache``; ``dump_tuned``/``load_tuned`` move them
 to and from a JSON file (one per GPU model, written by ``scripts/bench_kernels.py --tune``).
 
-The thresholds below are defaults derived from the roofline (kernels-and-quality.md A.1), not
-measured on this code; ``scripts/bench_kernels.py`` prints the per-M winner to confirm or move them.
+The thresholds below come from H100 measurements (comment there); ``scripts/bench_kernels.py`` prints
+each path's time per M to confirm or move them on other GPUs.
 """
 
 from __future__ import annotations
@@ -31,9 +31,13 @@ from typing import Any
 
 import triton
 
-GEMV_MAX_M = 4  # M above this uses the tensor-core GEMM
+# Dispatch thresholds, from the H100 runs of scripts/bench_kernels.py (docs/benchmarks.md, Kernels):
+# the CUDA-core GEMV lost to the tensor-core GEMM from M = 2 on (4096x11008: GEMV 57.9 us at M = 2,
+# GEMM 41.7 us at M = 8), and the GEMM lost to dequantize + cuBLAS from M ~ 64 on (4096x4096: GEMM
+# 39.8 us at M = 64, 197 us at M = 128, where dequant + matmul costs about 15 + 22 us).
+GEMV_MAX_M = 1  # M above this uses the tensor-core GEMM
 SPLIT_K_MAX_M = 64  # GEMM split-K configs only for M up to this
-DEQUANT_MATMUL_MIN_M = 1024  # M at or above this: dequantize once + cuBLAS
+DEQUANT_MATMUL_MIN_M = 64  # M at or above this: dequantize once + cuBLAS
 
 # BLOCK_M * (BLOCK_K / PACK) * BLOCK_N fp32 partial sums of the GEMV kept per program (registers).
 GEMV_MAX_PRODUCT = 8192
