@@ -48,8 +48,18 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--text-field", default="text", help="text column of a jsonl/parquet calibration file")
     g.add_argument("--damp", type=float, default=0.01, help="fraction of the mean Hessian diagonal")
     g.add_argument("--block-size", type=int, default=128, help="GPTQ lazy-batch width")
-    g.add_argument("--act-order", action="store_true", help="quantize columns by decreasing Hessian diagonal")
-    g.add_argument("--static-groups", action="store_true", help="with --act-order: keep g_idx trivial")
+    g.add_argument(
+        "--act-order",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="quantize columns by decreasing Hessian diagonal (default: on)",
+    )
+    g.add_argument(
+        "--static-groups",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="with --act-order: grids fixed up front, g_idx trivial (default: on with --act-order)",
+    )
     g.add_argument("--no-true-sequential", dest="true_sequential", action="store_false")
     p.add_argument("--device", default=None, help="compute device (default: cuda if available, else cpu)")
     p.add_argument("--batch-size", type=int, default=8, help="calibration sequences per forward")

@@ -113,9 +113,16 @@ class GPTQConfig(_Config):
         factorization; raised automatically (and reported) when the factorization fails.
     block_size: lazy-batch width of the column loop (a speed knob; results do not depend on it).
     act_order: quantize columns in decreasing Hessian-diagonal order (writes a g_idx permutation
-        unless static_groups).
+        unless static_groups). On by default (llm-compressor's default too, "actorder static"): on
+        SmolLM2-135M w4 g64 sym, GPTQ in natural column order was WORSE than RTN (wikitext-2 ppl 29.35
+        vs 27.22; act_order + static_groups 23.91; 32x512 c4 calibration, 2 windows). In natural order
+        the high-diag(H) columns, which carry the attention-sink token (position 0), are quantized
+        after receiving the error of earlier columns; GPTQ, weighting that token 1/seqlen, pushes error
+        into those directions, and the sink's v_proj output (which every later token attends to) is
+        wrecked: relative v error at position 0 in layers 12-20 of 0.6-2.0 vs RTN's 0.06-0.19.
     static_groups: with act_order, fix each group's grid from the unpermuted weight before the loop, so
-        g_idx stays trivial (i // group_size) and every loader's fast path applies.
+        g_idx stays trivial (i // group_size) and every loader's fast path applies. None (default):
+        follow act_order.
     true_sequential: quantize q/k/v -> o -> gate/up -> down, each group seeing the quantized outputs
         of the earlier ones.
     mse_clip: choose each group's grid by an error-minimizing shrink search instead of min-max.
@@ -124,20 +131,24 @@ class GPTQConfig(_Config):
     scheme: QuantScheme = field(default_factory=QuantScheme)
     damp: float = 0.01
     block_size: int = 128
-    act_order: bool = False
-    static_groups: bool = False
+    act_order: bool = True
+    static_groups: bool | None = None
     true_sequential: bool = True
     mse_clip: bool = False
     method: ClassVar[str] = "gptq"
 
     def __post_init__(self) -> None:
         _check_scheme(self.scheme)
+        if self.static_groups is None:  # frozen: resolve the default once, so to_dict() stores a bool
+            object.__setattr__(self, "static_groups", self.act_order)
         if not 0.0 < self.damp < 1.0:
             raise ValueError(f"damp must be in (0, 1) (a fraction of the mean diagonal), got {self.damp}")
         if self.block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
         if self.static_groups and not self.act_order:
-            raise ValueError("static_groups only makes sense with act_order; add --act-order or drop it")
+            raise ValueError(
+                "static_groups only makes sense with act_order; drop --no-act-order or --static-groups"
+            )
 
 
 @dataclass(frozen=True)

@@ -272,3 +272,14 @@ def test_configs_are_hashable_and_compare_by_value():
     assert hash(GPTQConfig(damp=0.02)) == hash(GPTQConfig(damp=0.02))
     assert GPTQConfig(damp=0.02) != GPTQConfig(damp=0.03)
     assert RTNConfig(scheme=QuantScheme(sym=False)) != RTNConfig()
+
+
+def test_gptq_defaults_to_act_order_with_static_groups():
+    cfg = GPTQConfig()
+    assert (cfg.act_order, cfg.static_groups) == (True, True)
+    assert cfg.to_dict()["static_groups"] is True  # resolved, not None, in what is stored
+    natural = GPTQConfig(act_order=False)
+    assert (natural.act_order, natural.static_groups) == (False, False)
+    dynamic = GPTQConfig(static_groups=False)
+    assert (dynamic.act_order, dynamic.static_groups) == (True, False)
+    assert GPTQConfig.from_dict(natural.to_dict()) == natural

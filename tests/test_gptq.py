@@ -74,7 +74,9 @@ def test_identity_hessian_equals_rtn(bits, sym, group_size, k):
 def test_identity_hessian_equals_rtn_with_mse_clip(act_order):
     scheme = QuantScheme(3, 32, sym=False)
     W = random_weight(24, 101, seed=1)
-    result = gptq_quantize(W, torch.eye(101), GPTQConfig(scheme, mse_clip=True, act_order=act_order))
+    result = gptq_quantize(
+        W, torch.eye(101), GPTQConfig(scheme, mse_clip=True, act_order=act_order, static_groups=False)
+    )
     assert result.weight.equal(quantize_weight(W, scheme, mse=True))
 
 
@@ -93,7 +95,7 @@ def problem64():
 @pytest.mark.parametrize("scheme", [QuantScheme(4, 16, sym=False), QuantScheme(3, None, sym=True)])
 def test_blocked_matches_naive_reference(problem64, block_size, act_order, scheme):
     W, H = problem64
-    config = GPTQConfig(scheme, block_size=block_size, act_order=act_order)
+    config = GPTQConfig(scheme, block_size=block_size, act_order=act_order, static_groups=False)
     result = gptq_quantize(W, H, config)
     codes, Q = naive_gptq(W, H, scheme, config.damp, act_order)
     assert torch.equal(result.weight.codes, codes.to(torch.uint8))
@@ -127,7 +129,7 @@ def test_gptq_beats_rtn_on_correlated_activations(problem32, sym, group_size, ac
     W, H = problem32
     scheme = QuantScheme(4, group_size, sym)
     rtn_error = hessian_weighted_error(W, quantize_weight(W, scheme).dequantize(), H)
-    result = gptq_quantize(W, H, GPTQConfig(scheme, act_order=act_order))
+    result = gptq_quantize(W, H, GPTQConfig(scheme, act_order=act_order, static_groups=False))
     assert result.hessian_error < 0.8 * rtn_error
     assert result.hessian_error == pytest.approx(hessian_weighted_error(W, result.weight.dequantize(), H))
 
@@ -150,7 +152,7 @@ def test_mse_clip_not_worse_than_rtn(problem32, sym):
 def test_act_order_g_idx_is_permutation_derived(k):
     W, H = random_weight(16, k, seed=9), correlated_hessian(k, 512, seed=10)
     H = H * torch.linspace(0.5, 2.0, k).sqrt().outer(torch.linspace(0.5, 2.0, k).sqrt())  # vary diag(H)
-    result = gptq_quantize(W, H, GPTQConfig(QuantScheme(4, 32), act_order=True))
+    result = gptq_quantize(W, H, GPTQConfig(QuantScheme(4, 32), act_order=True, static_groups=False))
     g_idx = result.weight.g_idx
     assert g_idx is not None and g_idx.dtype == torch.int32 and not result.weight.has_trivial_g_idx()
     sizes = torch.bincount(g_idx.long()).tolist()
@@ -228,7 +230,9 @@ def test_dead_columns_are_zeroed_and_counted(act_order):
     X[:, dead] = 0
     H, n = accumulate_hessian(*hessian_init(k), X)
     W = random_weight(16, k, seed=18) + 1.0  # nonzero everywhere
-    result = gptq_quantize(W, H / n, GPTQConfig(QuantScheme(4, 16, sym=False), act_order=act_order))
+    result = gptq_quantize(
+        W, H / n, GPTQConfig(QuantScheme(4, 16, sym=False), act_order=act_order, static_groups=False)
+    )
     assert result.dead_columns == len(dead)
     Q = result.weight.dequantize()
     assert torch.equal(Q[:, dead], torch.zeros(16, len(dead)))

@@ -20,7 +20,7 @@ def test_stacked_rows_equal_separate_calls(act_order: bool, scheme: QuantScheme)
     H, n = accumulate_hessian(*hessian_init(k, dtype=torch.float64), X)
     H = H / n
     weights = [torch.randn(rows, k, generator=g, dtype=torch.float64) for rows in (24, 8, 8)]  # q, k, v
-    cfg = GPTQConfig(scheme, act_order=act_order)
+    cfg = GPTQConfig(scheme, act_order=act_order, static_groups=False)
     stacked = gptq_quantize(torch.cat(weights), H, cfg).weight
     start = 0
     for W in weights:
