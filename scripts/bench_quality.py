@@ -85,8 +85,8 @@ class RunSpec:
     method: str  # "float", "rtn", "gptq"
     group_size: int | None = None
     sym: bool = True
-    act_order: bool = False
-    static_groups: bool = False
+    act_order: bool = True  # llmquant's GPTQ defaults (ignored by rtn)
+    static_groups: bool = True
     mse_clip: bool = False
     bits: int = 4
 
@@ -101,8 +101,12 @@ class RunSpec:
         if self.method == "float":
             return "float16 checkpoint, evaluated in float32"
         parts = [f"w{self.bits} g{self.group_size} {'sym' if self.sym else 'asym'}"]
-        if self.act_order:
-            parts.append("act_order" + ("+static_groups" if self.static_groups else ""))
+        if self.method == "gptq":
+            parts.append(
+                "act_order" + ("+static_groups" if self.static_groups else "")
+                if self.act_order
+                else "natural order"
+            )
         if self.mse_clip:
             parts.append("mse_clip")
         if self.method == "gptq":
@@ -138,7 +142,7 @@ RUNS: list[RunSpec] = [
     RunSpec("gptq-g64-asym", "gptq", 64, False),
     RunSpec("gptq-g128-sym", "gptq", 128, True),
     RunSpec("gptq-g128-asym", "gptq", 128, False),
-    RunSpec("gptq-g64-sym-ao", "gptq", 64, True, act_order=True, static_groups=True),
+    RunSpec("gptq-g64-sym-noao", "gptq", 64, True, act_order=False, static_groups=False),
     RunSpec("gptq-g64-asym-mse", "gptq", 64, False, mse_clip=True),
 ]
 RUNS_BY_ID = {r.id: r for r in RUNS}
@@ -865,7 +869,8 @@ Protocol (the one in `../shared/reference/peer-results.md`):
 - Model: {model}
 - Calibration: {n_samples} × {calib_seqlen} tokens cut consecutively from the start of
   `{calib_file}` (tokenized whole; {calib_tokens:,} tokens available), the identical ids for every
-  quantizer, seed 0. GPTQ: damp 0.01, block 128, true-sequential (llmquant defaults).
+  quantizer, seed 0. GPTQ: damp 0.01, block 128, true-sequential, act-order with static groups (llmquant
+  defaults).
 - Evaluation: `{eval_file}` tokenized whole ({corpus_tokens:,} tokens), the first **{n_windows}**
   non-overlapping {seqlen}-token windows ({n_tokens:,} predicted tokens), perplexity = exp(mean next-token
   NLL); KL = mean KL(P_float ‖ P_quant) per predicted token on the same positions. Every quantized
