@@ -43,6 +43,124 @@ from .layout import quant_matmul_ref
 GEMV_MAX_BLOCK_M = 16
 
 
+@triton.jit
+def _slice_weight(
+    words, j, zf, scales_ptr, zeros_ptr, offs_k, offs_n, k0, K, N,
+    stride_sg, stride_sn, stride_zg, stride_zn,
+    BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr,
+):  # fmt: skip
+    """fp32 [BLOCK_K / PACK, BLOCK_N] weights of slice j: q - z (exact; the caller applies the tile's one
+    scale row) when the tile lies in one group, else (q - z) * s with per-row scales/zeros."""
+    qf = (_slice_codes(words, j, BITS) | _FP32_MAGIC).to(tl.float32, bitcast=True)  # 2^23 + q
+    if GROUP_SIZE % BLOCK_K == 0:
+        return qf - zf  # (2^23 + q) - (2^23 + z) = q - z, exact
+    s_j, z_j = _group_params(
+        scales_ptr, zeros_ptr, offs_k, offs_n, k0, K, N,
+        stride_sg, stride_sn, stride_zg, stride_zn, GROUP_SIZE, BLOCK_K, EVEN_N, "evict_first",
+    )  # fmt: skip
+    return (qf - (z_j.to(tl.int32) | _FP32_MAGIC).to(tl.float32, bitcast=True)) * s_j.to(tl.float32)
+
+
+@triton.jit
+def _x_cols(perm_ptr, offs_k, K, HAS_PERM: tl.constexpr):
+    """Activation columns of inputs offs_k (act-order: gathered through perm) and their mask."""
+    mask_k = offs_k < K
+    if HAS_PERM:
+        return tl.load(perm_ptr + offs_k, mask=mask_k, other=0, eviction_policy="evict_last"), mask_k
+    return offs_k, mask_k
+
+
+@triton.jit
+def _tile_params(
+    qweight_ptr, scales_ptr, zeros_ptr, k0, offs_n, K, N,
+    stride_qk, stride_qn, stride_sg, stride_sn, stride_zg, stride_zn,
+    BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+    EVEN_N: tl.constexpr,
+):  # fmt: skip
+    """The tile's packed words, its group's scale row and 2^23 + zero row (one group per tile case)."""
+    words = _load_words(
+        qweight_ptr, k0, offs_n, K, N, stride_qk, stride_qn, BITS, BLOCK_K, EVEN_K, EVEN_N, "evict_first"
+    )  # fmt: skip
+    scale, zero = _group_params(
+        scales_ptr, zeros_ptr, _slice_rows(k0, 0, BITS, BLOCK_K), offs_n, k0, K, N,
+        stride_sg, stride_sn, stride_zg, stride_zn, GROUP_SIZE, BLOCK_K, EVEN_N, "evict_first",
+    )  # fmt: skip
+    zf = (zero.to(tl.int32) | _FP32_MAGIC).to(tl.float32, bitcast=True)  # 2^23 + z
+    return words, scale.to(tl.float32), zf
+
+
+@triton.jit
+def _gemv_one_row(
+    x_ptr, qweight_ptr, scales_ptr, zeros_ptr, perm_ptr, offs_n, k_start, k_end, K, N,
+    stride_xk, stride_qk, stride_qn, stride_sg, stride_sn, stride_zg, stride_zn,
+    BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_PERM: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
+):  # fmt: skip
+    """M = 1: everything stays 2-D in the word tile's layout. A [BLOCK_K / PACK, BLOCK_N] fp32
+    accumulator takes one FFMA per weight; the scale row is applied once per tile (scale * tile sum
+    over the PACK slices) and the K reduction across threads happens once, after the loop."""
+    PACK: tl.constexpr = 32 // BITS
+    acc2 = tl.zeros((BLOCK_K // PACK, BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        words, scale, zf = _tile_params(
+            qweight_ptr, scales_ptr, zeros_ptr, k0, offs_n, K, N, stride_qk, stride_qn,
+            stride_sg, stride_sn, stride_zg, stride_zn, BITS, GROUP_SIZE, BLOCK_K, EVEN_K, EVEN_N,
+        )  # fmt: skip
+        t = tl.zeros((BLOCK_K // PACK, BLOCK_N), dtype=tl.float32)
+        for j in tl.static_range(PACK):
+            offs_k = _slice_rows(k0, j, BITS, BLOCK_K)
+            w = _slice_weight(
+                words, j, zf, scales_ptr, zeros_ptr, offs_k, offs_n, k0, K, N,
+                stride_sg, stride_sn, stride_zg, stride_zn, BITS, GROUP_SIZE, BLOCK_K, EVEN_N,
+            )  # fmt: skip
+            x_cols, mask_k = _x_cols(perm_ptr, offs_k, K, HAS_PERM)
+            if EVEN_K:
+                x = tl.load(x_ptr + x_cols * stride_xk, eviction_policy="evict_last")
+            else:
+                x = tl.load(x_ptr + x_cols * stride_xk, mask=mask_k, other=0.0, eviction_policy="evict_last")
+            t += x.to(tl.float32)[:, None] * w
+        if GROUP_SIZE % BLOCK_K == 0:
+            acc2 += t * scale
+        else:
+            acc2 += t
+    return tl.sum(acc2, axis=0)[None, :]  # [1, BLOCK_N]
+
+
+@triton.jit
+def _gemv_rows(
+    x_ptr, qweight_ptr, scales_ptr, zeros_ptr, perm_ptr, offs_m, offs_n, k_start, k_end, M, K, N,
+    stride_xm, stride_xk, stride_qk, stride_qn, stride_sg, stride_sn, stride_zg, stride_zn,
+    BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_PERM: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
+):  # fmt: skip
+    """2 <= M <= 16: a [BLOCK_M, BLOCK_K / PACK, BLOCK_N] broadcast product per slice, reduced per tile."""
+    PACK: tl.constexpr = 32 // BITS
+    mask_m = offs_m < M
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        words, scale, zf = _tile_params(
+            qweight_ptr, scales_ptr, zeros_ptr, k0, offs_n, K, N, stride_qk, stride_qn,
+            stride_sg, stride_sn, stride_zg, stride_zn, BITS, GROUP_SIZE, BLOCK_K, EVEN_K, EVEN_N,
+        )  # fmt: skip
+        part = tl.zeros((BLOCK_M, BLOCK_K // PACK, BLOCK_N), dtype=tl.float32)
+        for j in tl.static_range(PACK):
+            offs_k = _slice_rows(k0, j, BITS, BLOCK_K)
+            w = _slice_weight(
+                words, j, zf, scales_ptr, zeros_ptr, offs_k, offs_n, k0, K, N,
+                stride_sg, stride_sn, stride_zg, stride_zn, BITS, GROUP_SIZE, BLOCK_K, EVEN_N,
+            )  # fmt: skip
+            x_cols, mask_k = _x_cols(perm_ptr, offs_k, K, HAS_PERM)
+            x_ptrs = x_ptr + offs_m[:, None] * stride_xm + x_cols[None, :] * stride_xk
+            x_mask = mask_m[:, None] if EVEN_K else mask_m[:, None] & mask_k[None, :]
+            x = tl.load(x_ptrs, mask=x_mask, other=0.0, eviction_policy="evict_last").to(tl.float32)
+            part += x[:, :, None] * w[None, :, :]
+        tile = tl.sum(part, axis=1)  # [BLOCK_M, BLOCK_N]
+        if GROUP_SIZE % BLOCK_K == 0:
+            tile = tile * scale
+        acc += tile
+    return acc
+
+
 @triton.heuristics(
     {
         "EVEN_K": lambda a: a["K"] % (a["BLOCK_K"] * a["SPLIT_K"]) == 0,
@@ -90,7 +208,6 @@ def _gemv_kernel(
     EVEN_K: tl.constexpr,
     EVEN_N: tl.constexpr,
 ):
-    PACK: tl.constexpr = 32 // BITS
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
 
@@ -104,42 +221,18 @@ def _gemv_kernel(
     k_end = tl.minimum(k_start + k_split, K)
 
     # ---- stream weights, accumulate in fp32 --------------------------------------------------------
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(k_start, k_end, BLOCK_K):
-        words = _load_words(
-            qweight_ptr, k0, offs_n, K, N, stride_qk, stride_qn, BITS, BLOCK_K, EVEN_K, EVEN_N, "evict_first"
+    if BLOCK_M == 1:
+        acc = _gemv_one_row(
+            x_ptr, qweight_ptr, scales_ptr, zeros_ptr, perm_ptr, offs_n, k_start, k_end, K, N,
+            stride_xk, stride_qk, stride_qn, stride_sg, stride_sn, stride_zg, stride_zn,
+            BITS, GROUP_SIZE, HAS_PERM, BLOCK_N, BLOCK_K, EVEN_K, EVEN_N,
         )  # fmt: skip
-        # one scale/zero row per tile when the tile lies in one group (offs_k unused then)
-        scale, zero = _group_params(
-            scales_ptr, zeros_ptr, _slice_rows(k0, 0, BITS, BLOCK_K), offs_n, k0, K, N,
-            stride_sg, stride_sn, stride_zg, stride_zn, GROUP_SIZE, BLOCK_K, EVEN_N, "evict_first",
+    else:
+        acc = _gemv_rows(
+            x_ptr, qweight_ptr, scales_ptr, zeros_ptr, perm_ptr, offs_m, offs_n, k_start, k_end, M, K, N,
+            stride_xm, stride_xk, stride_qk, stride_qn, stride_sg, stride_sn, stride_zg, stride_zn,
+            BITS, GROUP_SIZE, HAS_PERM, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, EVEN_N,
         )  # fmt: skip
-        zf = (zero.to(tl.int32) | _FP32_MAGIC).to(tl.float32, bitcast=True)  # 2^23 + z
-        part = tl.zeros((BLOCK_M, BLOCK_K // PACK, BLOCK_N), dtype=tl.float32)
-        for j in tl.static_range(PACK):
-            offs_k = _slice_rows(k0, j, BITS, BLOCK_K)
-            qf = (_slice_codes(words, j, BITS) | _FP32_MAGIC).to(tl.float32, bitcast=True)  # 2^23 + q
-            if GROUP_SIZE % BLOCK_K == 0:
-                w = qf - zf  # q - z, exact
-            else:  # tile straddles groups: per-row scales/zeros
-                s_j, z_j = _group_params(
-                    scales_ptr, zeros_ptr, offs_k, offs_n, k0, K, N,
-                    stride_sg, stride_sn, stride_zg, stride_zn, GROUP_SIZE, BLOCK_K, EVEN_N, "evict_first",
-                )  # fmt: skip
-                w = (qf - (z_j.to(tl.int32) | _FP32_MAGIC).to(tl.float32, bitcast=True)) * s_j.to(tl.float32)
-            mask_k = offs_k < K
-            if HAS_PERM:
-                x_cols = tl.load(perm_ptr + offs_k, mask=mask_k, other=0, eviction_policy="evict_last")
-            else:
-                x_cols = offs_k
-            x_ptrs = x_ptr + offs_m[:, None] * stride_xm + x_cols[None, :] * stride_xk
-            x_mask = mask_m[:, None] if EVEN_K else mask_m[:, None] & mask_k[None, :]
-            x = tl.load(x_ptrs, mask=x_mask, other=0.0, eviction_policy="evict_last").to(tl.float32)
-            part += x[:, :, None] * w[None, :, :]
-        tile = tl.sum(part, axis=1)  # [BLOCK_M, BLOCK_N]
-        if GROUP_SIZE % BLOCK_K == 0:
-            tile = tile * scale.to(tl.float32)
-        acc += tile
 
     # ---- epilogue: bias (split 0 only), store or atomic-add ----------------------------------------
     _store_tile(
