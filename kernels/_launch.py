@@ -1,10 +1,11 @@
 """Launcher plumbing shared by the GEMV and GEMM matmul launchers: checks, allocation, epilogue.
 
 Both kernels compute y [M, N] = x[:, perm] @ W^T (+ bias) with x flattened to [M, K]. With SPLIT_K == 1
-a program stores its tile straight into ``y`` (activation dtype); with SPLIT_K > 1 the splits
-``atomic_add`` fp32 partials into a zeroed fp32 workspace [M, N] that is cast to ``y``'s dtype after
-the launch. Which case ran is read from the chosen config on the host (``Autotuner.best_config``, a
-Python attribute: no device sync), so the op stays capturable in a CUDA graph.
+a program stores its tile straight into ``y`` (activation dtype); with SPLIT_K > 1 each split writes its
+fp32 partial into an uninitialised workspace [max_split, M, N] and the last split of each output tile
+(found through a per-tile counter in a cached, self-resetting int32 buffer) reduces and stores ``y``
+(``dequant._store_tile``). Either way one kernel launch and no device sync: the op stays capturable in
+a CUDA graph (warm each shape up before capture, so the counter buffer is allocated outside it).
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ class MatmulLaunch:
 
     x: torch.Tensor  # [M, K]
     y: torch.Tensor  # [M, N], x's dtype
-    workspace: torch.Tensor  # fp32 [M, N] zeros (split-K), or y itself when split-K cannot happen
+    workspace: torch.Tensor  # fp32 [max_split, M, N] uninitialised (split-K), or y when it cannot happen
+    locks: torch.Tensor  # int32 tile counters (zeros between launches), shared per device
     out_shape: tuple[int, ...]
     meta: dict
 
@@ -44,9 +46,10 @@ def prepare(
     perm: torch.Tensor | None,
     bias: torch.Tensor | None,
     *,
-    may_split: bool,
+    max_split: int,
 ) -> MatmulLaunch:
-    """Check operands, flatten x to [M, K], allocate y (and the split-K workspace if ``may_split``)."""
+    """Check operands, flatten x to [M, K], allocate y (and a split-K workspace for up to
+    ``max_split`` splits when that is > 1)."""
     k, n = x.shape[-1], qweight.shape[1]
     check_layout(qweight, scales, zeros, bits, k)
     check_interpretable(x)
@@ -62,7 +65,9 @@ def prepare(
     x2 = x.reshape(-1, k)  # x [..., K] -> [M, K]
     m = x2.shape[0]
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    workspace = torch.zeros((m, n), dtype=torch.float32, device=x.device) if may_split else y
+    split = max_split > 1
+    workspace = torch.empty((max_split, m, n), dtype=torch.float32, device=x.device) if split else y
+    locks = tile_locks(x.device, triton.cdiv(m, 16) * triton.cdiv(n, 16) if split else 1)
     meta = {
         "BITS": bits,
         "GROUP_SIZE": kernel_group_size(group_size, k),
@@ -71,7 +76,20 @@ def prepare(
         "HAS_PERM": perm is not None,
         "HAS_BIAS": bias is not None,
     }
-    return MatmulLaunch(x2, y, workspace, (*x.shape[:-1], n), meta)
+    return MatmulLaunch(x2, y, workspace, locks, (*x.shape[:-1], n), meta)
+
+
+_LOCKS: dict[torch.device, torch.Tensor] = {}
+
+
+def tile_locks(device: torch.device, tiles: int) -> torch.Tensor:
+    """Zeroed int32 split-K tile counters on ``device``, at least ``tiles`` of them (BLOCK_M and
+    BLOCK_N are >= 16 in every config). Cached; the kernels leave every counter at 0 again."""
+    locks = _LOCKS.get(device)
+    if locks is None or locks.numel() < tiles:
+        locks = torch.zeros(max(tiles, 1 << 12), dtype=torch.int32, device=device)
+        _LOCKS[device] = locks
+    return locks
 
 
 def kernel_args(
@@ -87,13 +105,12 @@ def kernel_args(
     # Absent optional operands get a dummy pointer; the HAS_PERM / HAS_BIAS flags keep them unread.
     return (
         x, qweight, scales, zeros, x if perm is None else perm, x if bias is None else bias, y,
-        launch.workspace, x.shape[0], qweight.shape[1], x.shape[1],
+        launch.workspace, launch.locks, x.shape[0], qweight.shape[1], x.shape[1],
         x.stride(0), x.stride(1), qweight.stride(0), qweight.stride(1), scales.stride(0),
         scales.stride(1), zeros.stride(0), zeros.stride(1), y.stride(0), y.stride(1),
     )  # fmt: skip
 
 
-def finish(launch: MatmulLaunch, config: triton.Config) -> torch.Tensor:
-    """y [..., N]: the fp32 split-K workspace cast to x's dtype, or y as stored by the kernel."""
-    y = launch.workspace.to(launch.y.dtype) if config.kwargs["SPLIT_K"] > 1 else launch.y
-    return y.reshape(launch.out_shape)
+def finish(launch: MatmulLaunch) -> torch.Tensor:
+    """y [..., N] as stored by the kernel (the last split of each tile stores it under split-K)."""
+    return launch.y.reshape(launch.out_shape)

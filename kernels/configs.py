@@ -142,6 +142,11 @@ def gemm_configs() -> list[triton.Config]:
     return configs
 
 
+def max_split_k(configs: list[triton.Config]) -> int:
+    """The largest SPLIT_K in a config list (the split-K workspace is sized for it)."""
+    return max(c.kwargs.get("SPLIT_K", 1) for c in configs)
+
+
 @functools.lru_cache(maxsize=8)
 def _num_sms(device_index: int) -> int:
     import torch

@@ -146,31 +146,56 @@ def _group_params(
 def _store_tile(
     acc,
     y_ptr,
-    acc_ptr,
+    ws_ptr,
+    lock_ptr,
     bias_ptr,
     offs_m,
     offs_n,
     mask_m,
     mask_n,
+    tile_id,
     pid_k,
     stride_ym,
     stride_yn,
+    M,
     N,
     HAS_BIAS: tl.constexpr,
     SPLIT_K: tl.constexpr,
 ):
-    """Matmul epilogue shared by gemv and gemm: add the bias (split 0 only), then store the fp32 tile
-    ``acc`` [BLOCK_M, BLOCK_N] into y (SPLIT_K == 1) or atomically add it into the fp32 workspace."""
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-        acc += tl.where(pid_k == 0, bias, 0.0)[None, :]
+    """Matmul epilogue shared by gemv and gemm, one launch in every case.
+
+    SPLIT_K == 1: add the bias and store the fp32 tile ``acc`` [BLOCK_M, BLOCK_N] into y (x's dtype).
+    SPLIT_K > 1: store the partial into slice pid_k of the fp32 workspace [SPLIT_K, M, N] (uninitialised:
+    every element a split owns is written), then bump the tile's counter (``lock_ptr[tile_id]``,
+    acq_rel); the split that arrives last sums the SPLIT_K partials in a fixed order (deterministic),
+    adds the bias, stores y and resets the counter to 0 for the next launch. No zero-fill and no cast
+    kernels, so a split-K matmul is a single launch (CUDA-graph friendly).
+    """
     mask = mask_m[:, None] & mask_n[None, :]
-    if SPLIT_K == 1:
-        y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+    if SPLIT_K > 1:
+        tile_ptrs = offs_m[:, None] * N + offs_n[None, :]
+        tl.store(ws_ptr + pid_k * M * N + tile_ptrs, acc, mask=mask, cache_modifier=".cg")
+        tl.debug_barrier()  # every thread's partial is written before the counter moves
+        count = tl.atomic_add(lock_ptr + tile_id, 1, sem="acq_rel")
+        if count == SPLIT_K - 1:
+            acc = tl.zeros_like(acc)
+            for s in tl.static_range(SPLIT_K):
+                acc += tl.load(ws_ptr + s * M * N + tile_ptrs, mask=mask, other=0.0, cache_modifier=".cg")
+            tl.atomic_xchg(lock_ptr + tile_id, 0)
+            _store_out(acc, y_ptr, bias_ptr, offs_m, offs_n, mask, mask_n, stride_ym, stride_yn, HAS_BIAS)
     else:
-        acc_ptrs = acc_ptr + offs_m[:, None] * N + offs_n[None, :]
-        tl.atomic_add(acc_ptrs, acc, mask=mask, sem="relaxed")
+        _store_out(acc, y_ptr, bias_ptr, offs_m, offs_n, mask, mask_n, stride_ym, stride_yn, HAS_BIAS)
+
+
+@triton.jit
+def _store_out(
+    acc, y_ptr, bias_ptr, offs_m, offs_n, mask, mask_n, stride_ym, stride_yn, HAS_BIAS: tl.constexpr
+):
+    """acc (+ bias) -> y in y's dtype."""
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.heuristics(

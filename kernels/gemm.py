@@ -19,8 +19,9 @@ Decomposition of ``_gemm_kernel``: grid (cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N), SP
   fp32 activations use exact "ieee" dots. Weights are loaded ``evict_first`` when one M tile covers
   all rows (each weight byte read once), with the default policy otherwise (other M tiles re-read
   them from L2).
-- Epilogue: bias (split 0), then a masked store in x's dtype (SPLIT_K == 1) or fp32 ``atomic_add``
-  into the zeroed workspace that the launcher casts (SPLIT_K > 1, only for M <= ``SPLIT_K_MAX_M``).
+- Epilogue (``dequant._store_tile``): bias, then a masked store in x's dtype (SPLIT_K == 1); with
+  SPLIT_K > 1 (only for M <= ``SPLIT_K_MAX_M``) fp32 partials go to a workspace and the last split of
+  each tile reduces them and stores y, all in the one launch.
 
 Not done (possible follow-ups, see kernels-and-quality.md A.4): swapping A/B so weights fill the MMA
 M dimension at small M, persistent/stream-K scheduling, TMA descriptors.
@@ -33,7 +34,7 @@ import triton
 import triton.language as tl
 
 from ._launch import finish, kernel_args, prepare
-from .configs import SPLIT_K_MAX_M, autotune_timer, gemm_configs, m_bucket, prune_gemm
+from .configs import SPLIT_K_MAX_M, autotune_timer, gemm_configs, m_bucket, max_split_k, prune_gemm
 from .dequant import (
     _dequantize_tile,
     _group_params,
@@ -55,7 +56,8 @@ from .layout import quant_matmul_ref
 @triton.jit
 def _gemm_kernel(
     # pointers: x [M, K] (fp16/bf16/fp32), qweight int32 [ceil(K*BITS/32), N], scales fp16 [G, N],
-    # zeros uint8 [G, N], perm int [K], bias [N], y [M, N] (x's dtype), acc fp32 [M, N] contiguous
+    # zeros uint8 [G, N], perm int [K], bias [N], y [M, N] (x's dtype), ws fp32 [SPLIT_K, M, N],
+    # lock int32 [tiles] (zeros; split-K tile counters)
     x_ptr,
     qweight_ptr,
     scales_ptr,
@@ -63,7 +65,8 @@ def _gemm_kernel(
     perm_ptr,
     bias_ptr,
     y_ptr,
-    acc_ptr,
+    ws_ptr,
+    lock_ptr,
     # sizes
     M,
     N,
@@ -151,21 +154,9 @@ def _gemm_kernel(
 
     # ---- epilogue: bias (split 0 only), store or atomic-add ----------------------------------------
     _store_tile(
-        acc,
-        y_ptr,
-        acc_ptr,
-        bias_ptr,
-        offs_m,
-        offs_n,
-        mask_m,
-        mask_n,
-        pid_k,
-        stride_ym,
-        stride_yn,
-        N,
-        HAS_BIAS,
-        SPLIT_K,
-    )
+        acc, y_ptr, ws_ptr, lock_ptr, bias_ptr, offs_m, offs_n, mask_m, mask_n, pid, pid_k,
+        stride_ym, stride_yn, M, N, HAS_BIAS, SPLIT_K,
+    )  # fmt: skip
 
 
 _gemm_kernel_tuned = triton.autotune(
@@ -173,7 +164,6 @@ _gemm_kernel_tuned = triton.autotune(
     key=["N", "K", "m_bucket", "BITS", "GROUP_SIZE"],
     prune_configs_by={"early_config_prune": prune_gemm},
     **autotune_timer(),
-    reset_to_zero=["acc_ptr"],
 )(_gemm_kernel)
 
 
@@ -196,8 +186,11 @@ def gemm(
     config under TRITON_INTERPRET=1. An explicit SPLIT_K > 1 is honoured for any M.
     """
     rows = x.numel() // max(x.shape[-1], 1)
-    may_split = rows <= SPLIT_K_MAX_M or (config is not None and config.kwargs["SPLIT_K"] > 1)
-    launch = prepare(x, qweight, scales, zeros, bits, group_size, perm, bias, may_split=may_split)
+    if config is not None:
+        max_split = config.kwargs["SPLIT_K"]
+    else:
+        max_split = max_split_k(gemm_configs()) if rows <= SPLIT_K_MAX_M else 1
+    launch = prepare(x, qweight, scales, zeros, bits, group_size, perm, bias, max_split=max_split)
     m, n = launch.m, qweight.shape[1]
     if m == 0 or n == 0 or x.shape[-1] == 0:
         return quant_matmul_ref(x, qweight, scales, zeros, bits, group_size or x.shape[-1], perm, bias)
@@ -208,10 +201,9 @@ def gemm(
 
     if config is None:
         _gemm_kernel_tuned[grid](*args, **launch.meta, m_bucket=m_bucket(m))
-        config = _gemm_kernel_tuned.best_config
     else:
         _gemm_kernel[grid](*args, **launch.meta, m_bucket=m_bucket(m), **config.all_kwargs())
-    return finish(launch, config)
+    return finish(launch)
 
 
 gemm_ref = quant_matmul_ref

@@ -24,9 +24,10 @@ Numerics: y = sum_g s_g * sum_{k in g} x_k (q_k - z_g) in fp32. The weight is ne
 activation dtype, so the result differs from ``quant_matmul_ref`` (which rounds W once to x's dtype)
 by at most that rounding: within the fp32-accumulation tolerances the tests use.
 
-The fp32 partial sums are stored directly (SPLIT_K == 1) or ``atomic_add``-ed into a zeroed fp32
-workspace that the launcher casts to x's dtype (SPLIT_K > 1; lets a handful of output tiles fill all
-SMs). Bias is added by split 0 only.
+M = 1 (the dispatched case) keeps everything 2-D (``_gemv_one_row``); 2..16 rows use a 3-D broadcast
+product (``_gemv_rows``). The fp32 sums are stored directly (SPLIT_K == 1); with SPLIT_K > 1 (lets a
+handful of output tiles fill all SMs) the splits write partials to a workspace and the last split of
+each tile reduces them, adds the bias and stores y (``dequant._store_tile``): one launch either way.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ import triton
 import triton.language as tl
 
 from ._launch import finish, kernel_args, prepare
-from .configs import autotune_timer, gemv_configs, prune_gemv
+from .configs import autotune_timer, gemv_configs, max_split_k, prune_gemv
 from .dequant import _FP32_MAGIC, _group_params, _load_words, _slice_codes, _slice_rows, _store_tile
 from .layout import quant_matmul_ref
 
@@ -170,7 +171,8 @@ def _gemv_rows(
 @triton.jit
 def _gemv_kernel(
     # pointers: x [M, K] (fp16/bf16/fp32), qweight int32 [ceil(K*BITS/32), N], scales fp16 [G, N],
-    # zeros uint8 [G, N], perm int [K], bias [N], y [M, N] (x's dtype), acc fp32 [M, N] contiguous
+    # zeros uint8 [G, N], perm int [K], bias [N], y [M, N] (x's dtype), ws fp32 [SPLIT_K, M, N],
+    # lock int32 [tiles] (zeros; split-K tile counters)
     x_ptr,
     qweight_ptr,
     scales_ptr,
@@ -178,7 +180,8 @@ def _gemv_kernel(
     perm_ptr,
     bias_ptr,
     y_ptr,
-    acc_ptr,
+    ws_ptr,
+    lock_ptr,
     # sizes
     M,
     N,
@@ -236,21 +239,9 @@ def _gemv_kernel(
 
     # ---- epilogue: bias (split 0 only), store or atomic-add ----------------------------------------
     _store_tile(
-        acc,
-        y_ptr,
-        acc_ptr,
-        bias_ptr,
-        offs_m,
-        offs_n,
-        mask_m,
-        mask_n,
-        pid_k,
-        stride_ym,
-        stride_yn,
-        N,
-        HAS_BIAS,
-        SPLIT_K,
-    )
+        acc, y_ptr, ws_ptr, lock_ptr, bias_ptr, offs_m, offs_n, mask_m, mask_n, pid_n, pid_k,
+        stride_ym, stride_yn, M, N, HAS_BIAS, SPLIT_K,
+    )  # fmt: skip
 
 
 _gemv_kernel_tuned = triton.autotune(
@@ -258,7 +249,6 @@ _gemv_kernel_tuned = triton.autotune(
     key=["N", "K", "BLOCK_M", "BITS", "GROUP_SIZE"],
     prune_configs_by={"early_config_prune": prune_gemv},
     **autotune_timer(),
-    reset_to_zero=["acc_ptr"],
 )(_gemv_kernel)
 
 
@@ -282,7 +272,8 @@ def gemv(
     rows = x.numel() // max(x.shape[-1], 1)
     if rows > GEMV_MAX_BLOCK_M:
         raise ValueError(f"gemv handles at most {GEMV_MAX_BLOCK_M} rows, got {rows}; use gemm")
-    launch = prepare(x, qweight, scales, zeros, bits, group_size, perm, bias, may_split=True)
+    max_split = config.kwargs["SPLIT_K"] if config is not None else max_split_k(gemv_configs())
+    launch = prepare(x, qweight, scales, zeros, bits, group_size, perm, bias, max_split=max_split)
     m, n = launch.m, qweight.shape[1]
     if m == 0 or n == 0 or x.shape[-1] == 0:
         return quant_matmul_ref(x, qweight, scales, zeros, bits, group_size or x.shape[-1], perm, bias)
@@ -294,10 +285,9 @@ def gemv(
 
     if config is None:
         _gemv_kernel_tuned[grid](*args, **meta)
-        config = _gemv_kernel_tuned.best_config
     else:
         _gemv_kernel[grid](*args, **meta, **config.all_kwargs())
-    return finish(launch, config)
+    return finish(launch)
 
 
 gemv_ref = quant_matmul_ref

@@ -80,3 +80,26 @@ def test_gemv_rejects_many_rows() -> None:
     lay = make_layout(8, 64, 4, 32, sym=True)
     with pytest.raises(ValueError, match="at most 16 rows"):
         gemv(torch.randn(17, 64), lay["qweight"], lay["scales"], lay["zeros"], 4, 32)
+
+
+@pytest.mark.parametrize(
+    ("op", "m", "config"),
+    [
+        (gemv, 1, triton.Config({"BLOCK_N": 16, "BLOCK_K": 64, "SPLIT_K": 4})),
+        (gemm, 5, triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 64, "SPLIT_K": 3, "GROUP_M": 1})),
+    ],
+)
+def test_split_k_single_launch_resets_counters(op, m: int, config: triton.Config, gen) -> None:  # noqa: ANN001
+    """The last split of each tile reduces the partials and puts its counter back to 0, so repeated
+    launches (and CUDA-graph replays) need no zero-fill and give bit-identical results."""
+    from llmquant.kernels._launch import tile_locks
+
+    n, k, gs, bits = 40, 576, 64, 4
+    lay = make_layout(n, k, bits, gs, sym=True)
+    x = torch.randn(m, k, generator=gen, dtype=torch.float32)
+    q = (lay["qweight"], lay["scales"], lay["zeros"])
+    y1 = op(x, *q, bits, gs, config=config)
+    assert not tile_locks(x.device, 1).any()
+    y2 = op(x, *q, bits, gs, config=config)
+    assert torch.equal(y1, y2)
+    _check(y1, x, lay, bits, gs, None)
