@@ -41,7 +41,8 @@ DEQUANT_MATMUL_MIN_M = 64  # M at or above this: dequantize once + cuBLAS
 
 # BLOCK_M * (BLOCK_K / PACK) * BLOCK_N fp32 partial sums of the GEMV kept per program (registers).
 GEMV_MAX_PRODUCT = 8192
-# tl.dot needs a K extent of at least 16: the GEMM dots [BLOCK_M, BLOCK_K / PACK] x [BLOCK_K / PACK, BN].
+# tl.dot needs a K extent of at least 16: the GEMM dots [BLOCK_M, BLOCK_K] x [BLOCK_K, BN] (ONE_DOT) or
+# PACK slices [BLOCK_M, BLOCK_K / PACK] x [BLOCK_K / PACK, BN].
 MIN_DOT_K = 16
 # LLMQUANT_TUNE=off: skip benchmarking, take the first config that survives pruning (fast tests).
 TUNE_ENV = "LLMQUANT_TUNE"
@@ -138,7 +139,10 @@ def gemm_configs() -> list[triton.Config]:
         (128, 128, 256, 8, 3),
     ):
         for sk in (1, 2, 4):
-            configs.append(_cfg(w, s, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, GROUP_M=8))
+            for one_dot in (True, False):
+                configs.append(
+                    _cfg(w, s, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, GROUP_M=8, ONE_DOT=one_dot)
+                )
     return configs
 
 
@@ -200,6 +204,12 @@ def prune_gemv(configs: list[triton.Config], nargs: dict[str, Any], **kwargs: An
     return _one_if_untuned(_occupancy_filter(valid, programs, _sm_count(nargs)))
 
 
+def _dot_k_valid(cfg: triton.Config, pack: int) -> bool:
+    """tl.dot needs K >= 16: the whole tile with ONE_DOT, each of the PACK slices otherwise."""
+    bk = cfg.kwargs["BLOCK_K"]
+    return bk // (1 if cfg.kwargs.get("ONE_DOT", False) else pack) >= MIN_DOT_K
+
+
 def prune_gemm(configs: list[triton.Config], nargs: dict[str, Any], **kwargs: Any) -> list[triton.Config]:
     a = {**nargs, **kwargs}
     m, n, k, gs, pack = a["M"], a["N"], a["K"], a["GROUP_SIZE"], 32 // a["BITS"]
@@ -207,16 +217,15 @@ def prune_gemm(configs: list[triton.Config], nargs: dict[str, Any], **kwargs: An
     valid = []
     for c in configs:
         bm, sk = c.kwargs["BLOCK_M"], c.kwargs["SPLIT_K"]
-        if not _k_valid(c, k) or c.kwargs["BLOCK_K"] // pack < MIN_DOT_K:
+        if not _k_valid(c, k) or not _dot_k_valid(c, pack):
             continue
         if sk > 1 and m > SPLIT_K_MAX_M:
             continue  # the launcher allocated no split-K workspace
         if bm > max(16, bucket) or (bucket >= 128 and bm < 64):
             continue
         valid.append(c)
-    if not valid:  # every dot-valid config: the largest BLOCK_K, no split
-        deepest = max(c.kwargs["BLOCK_K"] for c in configs)
-        valid = [c for c in configs if c.kwargs["SPLIT_K"] == 1 and c.kwargs["BLOCK_K"] == deepest][:1]
+    if not valid:  # a dot-valid config with no split
+        valid = [c for c in configs if c.kwargs["SPLIT_K"] == 1 and _dot_k_valid(c, pack)][:1]
     valid = _prefer(valid, (gs % c.kwargs["BLOCK_K"] == 0 for c in valid))
     programs = [
         triton.cdiv(m, c.kwargs["BLOCK_M"]) * triton.cdiv(n, c.kwargs["BLOCK_N"]) * c.kwargs["SPLIT_K"]

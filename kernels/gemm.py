@@ -9,13 +9,16 @@ Decomposition of ``_gemm_kernel``: grid (cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N), SP
 - Program order: tiles are visited in groups of GROUP_M rows of M-tiles (Triton matmul tutorial), so
   programs running together share weight tiles in L2 instead of each streaming its own.
 - Each program walks its contiguous K range in BLOCK_K steps. Per step it loads the tile's packed words
-  once (``dequant._load_words``, [BLOCK_K / PACK, BLOCK_N]: one load per word) and its group's
-  scale/zero row (when BLOCK_K divides group_size; gathered per row otherwise), then for each of the
-  PACK slices j (inputs k0 + w * PACK + j, w < BLOCK_K / PACK) shifts the codes out, dequantizes them
-  (magic-number int->float, fp16 math for fp16 activations: bitwise the reference's W), loads the
-  matching [BLOCK_M, BLOCK_K / PACK] activation columns (``evict_last``; act-order gathers them via
-  ``perm``) and issues ``tl.dot`` with an fp32 accumulator. Slicing the K axis by j instead of
-  reshaping the codes keeps every operand a plain 2-D tile; a dot needs BLOCK_K / PACK >= 16 (pruned).
+  once (``dequant._load_words``, [BLOCK_K / PACK, BLOCK_N]: one load per word) and then, by the config's
+  ``ONE_DOT`` flag, either
+  - shifts all PACK code slices out at once into a [PACK, BLOCK_K / PACK, BLOCK_N] tensor, reshapes it
+    to one [BLOCK_K, BLOCK_N] operand in slice-major order (row r = input k0 + (r % (BLOCK_K/PACK)) *
+    PACK + r // (BLOCK_K/PACK)), gathers x's columns in that same order and issues one ``tl.dot``
+    (a dot's K order is free as long as both operands agree), or
+  - issues one dot per slice j (inputs k0 + w * PACK + j, K extent BLOCK_K / PACK >= 16, pruned).
+  The autotuner picks whichever is faster. Dequantization uses the magic-number int->float trick, fp16
+  math for fp16 activations (bitwise the reference's W), one scale/zero row per tile when BLOCK_K
+  divides group_size (gathered per row otherwise); act-order gathers x's columns through ``perm``;
   fp32 activations use exact "ieee" dots. Weights are loaded ``evict_first`` when one M tile covers
   all rows (each weight byte read once), with the default policy otherwise (other M tiles re-read
   them from L2).
@@ -44,6 +47,33 @@ from .dequant import (
     _store_tile,
 )
 from .layout import quant_matmul_ref
+
+
+@triton.jit
+def _dequant_dot(
+    acc, codes, x_ptr, perm_ptr, scales_ptr, zeros_ptr, offs_m, offs_k, offs_n, mask_m, k0, K, N,
+    stride_xm, stride_xk, stride_sg, stride_sn, stride_zg, stride_zn,
+    GROUP_SIZE: tl.constexpr, BLOCK_K: tl.constexpr, FP16_MATH: tl.constexpr, FP32_DOT: tl.constexpr,
+    HAS_PERM: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, EVICTION: tl.constexpr,
+):  # fmt: skip
+    """acc + x[:, offs_k] @ dequant(codes): codes [len(offs_k), BLOCK_N] are the weights of inputs offs_k
+    (any order), x's matching columns are gathered (through perm for act-order)."""
+    scale, zero = _group_params(
+        scales_ptr, zeros_ptr, offs_k, offs_n, k0, K, N,
+        stride_sg, stride_sn, stride_zg, stride_zn, GROUP_SIZE, BLOCK_K, EVEN_N, EVICTION,
+    )  # fmt: skip
+    mask_k = offs_k < K
+    if HAS_PERM:
+        x_cols = tl.load(perm_ptr + offs_k, mask=mask_k, other=0, eviction_policy="evict_last")
+    else:
+        x_cols = offs_k
+    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + x_cols[None, :] * stride_xk
+    x_mask = mask_m[:, None] if EVEN_K else mask_m[:, None] & mask_k[None, :]
+    x = tl.load(x_ptrs, mask=x_mask, other=0.0, eviction_policy="evict_last")
+    w = _dequantize_tile(codes, scale, zero, FP16_MATH).to(x.dtype)
+    if FP32_DOT:  # constexpr branch; fp32 needs exact "ieee" dots (default: tf32)
+        return tl.dot(x, w, acc, input_precision="ieee")
+    return tl.dot(x, w, acc)
 
 
 @triton.heuristics(
@@ -98,6 +128,7 @@ def _gemm_kernel(
     EVEN_K: tl.constexpr,
     EVEN_N: tl.constexpr,
     WEIGHT_EVICTION: tl.constexpr,
+    ONE_DOT: tl.constexpr = False,  # one dot over the tile's reshaped codes, else one dot per slice
 ):
     # ---- map program id -> (pid_m, pid_n), grouped for L2 reuse ------------------------------------
     PACK: tl.constexpr = 32 // BITS
@@ -120,37 +151,34 @@ def _gemm_kernel(
     k_start = pid_k * k_split
     k_end = tl.minimum(k_start + k_split, K)
 
-    # ---- main loop: per word tile, PACK slices of dequantize + tensor-core dot, fp32 accumulate ----
+    # ---- main loop: per word tile, dequantize + tensor-core dot(s), fp32 accumulate ------------------
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
         words = _load_words(
             qweight_ptr, k0, offs_n, K, N, stride_qk, stride_qn,
             BITS, BLOCK_K, EVEN_K, EVEN_N, WEIGHT_EVICTION,
         )  # fmt: skip
-        scale, zero = _group_params(
-            scales_ptr, zeros_ptr, _slice_rows(k0, 0, BITS, BLOCK_K), offs_n, k0, K, N,
-            stride_sg, stride_sn, stride_zg, stride_zn, GROUP_SIZE, BLOCK_K, EVEN_N, WEIGHT_EVICTION,
-        )  # fmt: skip
-        for j in tl.static_range(PACK):
-            offs_k = _slice_rows(k0, j, BITS, BLOCK_K)  # inputs k0 + w * PACK + j
-            mask_k = offs_k < K
-            if GROUP_SIZE % BLOCK_K != 0:  # tile straddles groups: per-row scales/zeros
-                scale, zero = _group_params(
-                    scales_ptr, zeros_ptr, offs_k, offs_n, k0, K, N, stride_sg, stride_sn,
-                    stride_zg, stride_zn, GROUP_SIZE, BLOCK_K, EVEN_N, WEIGHT_EVICTION,
+        if ONE_DOT:
+            # the tile's codes as one [BLOCK_K, BLOCK_N] operand in slice-major order: row r holds input
+            # k0 + (r % (BLOCK_K / PACK)) * PACK + r // (BLOCK_K / PACK); x is gathered in that order
+            offs_r = tl.arange(0, BLOCK_K)
+            offs_k = k0 + (offs_r % (BLOCK_K // PACK)) * PACK + offs_r // (BLOCK_K // PACK)
+            shifts = tl.arange(0, PACK) * BITS
+            codes = (words[None, :, :] >> shifts[:, None, None]) & ((1 << BITS) - 1)
+            codes = tl.reshape(codes, (BLOCK_K, BLOCK_N))
+            acc = _dequant_dot(
+                acc, codes, x_ptr, perm_ptr, scales_ptr, zeros_ptr, offs_m, offs_k, offs_n, mask_m, k0, K, N,
+                stride_xm, stride_xk, stride_sg, stride_sn, stride_zg, stride_zn,
+                GROUP_SIZE, BLOCK_K, FP16_MATH, FP32_DOT, HAS_PERM, EVEN_K, EVEN_N, WEIGHT_EVICTION,
+            )  # fmt: skip
+        else:
+            for j in tl.static_range(PACK):  # one dot per slice: inputs k0 + w * PACK + j
+                acc = _dequant_dot(
+                    acc, _slice_codes(words, j, BITS), x_ptr, perm_ptr, scales_ptr, zeros_ptr, offs_m,
+                    _slice_rows(k0, j, BITS, BLOCK_K), offs_n, mask_m, k0, K, N,
+                    stride_xm, stride_xk, stride_sg, stride_sn, stride_zg, stride_zn,
+                    GROUP_SIZE, BLOCK_K, FP16_MATH, FP32_DOT, HAS_PERM, EVEN_K, EVEN_N, WEIGHT_EVICTION,
                 )  # fmt: skip
-            if HAS_PERM:
-                x_cols = tl.load(perm_ptr + offs_k, mask=mask_k, other=0, eviction_policy="evict_last")
-            else:
-                x_cols = offs_k
-            x_ptrs = x_ptr + offs_m[:, None] * stride_xm + x_cols[None, :] * stride_xk
-            x_mask = mask_m[:, None] if EVEN_K else mask_m[:, None] & mask_k[None, :]
-            x = tl.load(x_ptrs, mask=x_mask, other=0.0, eviction_policy="evict_last")
-            w = _dequantize_tile(_slice_codes(words, j, BITS), scale, zero, FP16_MATH).to(x.dtype)
-            if FP32_DOT:  # noqa: SIM108 -- constexpr branch; fp32 needs exact "ieee" dots (default: tf32)
-                acc = tl.dot(x, w, acc, input_precision="ieee")
-            else:
-                acc = tl.dot(x, w, acc)
 
     # ---- epilogue: bias (split 0 only), store or atomic-add ----------------------------------------
     _store_tile(

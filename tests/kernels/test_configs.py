@@ -56,10 +56,11 @@ def test_prune_gemm(gpu_lists: None, m: int, bits: int) -> None:
         configs.gemm_configs(), {"M": m, "N": 4096, "K": 4096}, GROUP_SIZE=128, BITS=bits
     )
     assert kept
-    # every dot has K >= 16: BLOCK_K / (codes per word) >= MIN_DOT_K
-    assert all(c.kwargs["BLOCK_K"] // (32 // bits) >= configs.MIN_DOT_K for c in kept)
-    if bits >= 4:  # 2-bit needs BLOCK_K >= 256, which straddles g128 groups
-        assert all(128 % c.kwargs["BLOCK_K"] == 0 for c in kept)
+    # every dot has K >= 16: the whole tile (ONE_DOT) or each of the 32 / bits slices
+    for c in kept:
+        slices = 1 if c.kwargs["ONE_DOT"] else 32 // bits
+        assert c.kwargs["BLOCK_K"] // slices >= configs.MIN_DOT_K
+    assert all(128 % c.kwargs["BLOCK_K"] == 0 for c in kept)  # one scale row per tile
     if m > configs.SPLIT_K_MAX_M:
         assert all(c.kwargs["SPLIT_K"] == 1 for c in kept)  # no workspace is allocated there
     if m >= 128:
@@ -68,7 +69,7 @@ def test_prune_gemm(gpu_lists: None, m: int, bits: int) -> None:
 
 def test_prune_never_empty(gpu_lists: None) -> None:
     kept = configs.prune_gemm(configs.gemm_configs(), {"M": 1, "N": 1, "K": 1}, GROUP_SIZE=1024, BITS=2)
-    assert kept and all(c.kwargs["BLOCK_K"] // 16 >= configs.MIN_DOT_K for c in kept)
+    assert kept and all(configs._dot_k_valid(c, 16) for c in kept)
     assert configs.prune_gemv(configs.gemv_configs(), {"N": 1, "K": 1}, GROUP_SIZE=1024, BLOCK_M=16, BITS=4)
     assert configs.prune_dequant(configs.dequant_configs(), {}, GROUP_SIZE=3)
 

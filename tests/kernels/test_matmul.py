@@ -55,6 +55,21 @@ def test_quant_matmul_triton(m, n, k, gs, bits, sym, act_order, has_bias, dtype,
         (gemv, 1, triton.Config({"BLOCK_N": 16, "BLOCK_K": 64, "SPLIT_K": 3})),  # one row, 3 splits
         (gemm, 1, triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": 3, "GROUP_M": 1})),
         (gemm, 40, triton.Config({"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 128, "SPLIT_K": 1, "GROUP_M": 2})),
+        # one dot per tile over the slice-major reshaped codes, tile spanning groups, split-K
+        (
+            gemm,
+            7,
+            triton.Config(
+                {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 256, "SPLIT_K": 2, "GROUP_M": 1, "ONE_DOT": True}
+            ),
+        ),
+        (
+            gemm,
+            20,
+            triton.Config(
+                {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "SPLIT_K": 1, "GROUP_M": 2, "ONE_DOT": True}
+            ),
+        ),
     ],
 )
 def test_kernel_configs(op, m: int, config: triton.Config, gen) -> None:  # noqa: ANN001
