@@ -79,6 +79,7 @@ class Row:
     ours_gbps: float
     fp16_gbps: float
     frac_copy_bw: float
+    max_rel_err: float = 0.0  # of ours vs the fp32-accumulated reference, relative to max |reference|
     gemv_us: float | None = None
     gemm_us: float | None = None
     dequant_mm_us: float | None = None
@@ -151,6 +152,18 @@ def _quant_bytes(lay: dict, m: int, k: int, n: int, act_bytes: int) -> int:
     return weights + m * k * act_bytes + m * n * act_bytes
 
 
+CHECK_REL_TOL = 1e-2  # fp16 outputs of K-long fp32 sums: a wrong kernel is off by O(1)
+
+
+def _check(y, x, w) -> float:  # noqa: ANN001
+    """Max |y - x @ w| / max |x @ w| (fp32 reference); warns loudly above ``CHECK_REL_TOL``."""
+    ref = x.float() @ w.float()
+    err = float((y.float() - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
+    if err > CHECK_REL_TOL:
+        print(f"MISMATCH: relative error {err:.3g} vs the reference", file=sys.stderr, flush=True)
+    return err
+
+
 def bench_layers(b: Bench, args: argparse.Namespace, copy_gbps: float) -> list[Row]:
     """Part 1: one row per (shape, M)."""
     from llmquant.kernels import dequant, gemm, gemv, quant_matmul
@@ -169,6 +182,7 @@ def bench_layers(b: Bench, args: argparse.Namespace, copy_gbps: float) -> list[R
         w_ref = dequant(*q, bits, gs, k, dtype=act_dtype)  # [K, N], the fp16 baseline's weight
         for m in batches:
             x = b.activations(m, k)
+            err = _check(quant_matmul(x, *q, bits, gs, backend=b.backend), x, w_ref)
             ours = b.time_graphed(lambda x=x, q=q: quant_matmul(x, *q, bits, gs, backend=b.backend))
             fp16 = b.time_graphed(lambda x=x, w=w_ref: torch.matmul(x, w))
             act_bytes = x.element_size()
@@ -187,6 +201,7 @@ def bench_layers(b: Bench, args: argparse.Namespace, copy_gbps: float) -> list[R
                 ours_gbps,
                 f_bytes / (fp16 * 1e-6) / 1e9,
                 ours_gbps / copy_gbps,
+                err,
             )
             if not args.no_paths:
                 if m <= GEMV_MAX_BLOCK_M:
@@ -198,7 +213,8 @@ def bench_layers(b: Bench, args: argparse.Namespace, copy_gbps: float) -> list[R
             rows.append(row)
             print(
                 f"K={k:6d} N={n:6d} M={m:5d} {path:>14s}: ours {ours:9.1f} us  fp16 {fp16:9.1f} us  "
-                f"x{row.speedup:5.2f}  {ours_gbps:7.0f} GB/s ({100 * row.frac_copy_bw:5.1f}% of copy)",
+                f"x{row.speedup:5.2f}  {ours_gbps:7.0f} GB/s ({100 * row.frac_copy_bw:5.1f}% of copy)  "
+                f"err {err:.1e}",
                 flush=True,
             )
     return rows
@@ -332,15 +348,15 @@ def write_outputs(out: Path, meta: dict, rows: list[Row], decode: list[DecodeRow
     lines += [f"- {k}: {v}" for k, v in meta.items()]
     lines += [
         "",
-        "| K | N | M | path | ours (us) | fp16 (us) | speedup | ours GB/s | % of copy BW "
+        "| K | N | M | path | ours (us) | fp16 (us) | speedup | ours GB/s | % of copy BW | max rel err "
         "| gemv (us) | gemm (us) | deq+mm (us) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r.k} | {r.n} | {r.m} | {r.path} | {r.ours_us:.1f} | {r.fp16_us:.1f} | {r.speedup:.2f} | "
-            f"{r.ours_gbps:.0f} | {100 * r.frac_copy_bw:.1f} | {_fmt(r.gemv_us)} | {_fmt(r.gemm_us)} | "
-            f"{_fmt(r.dequant_mm_us)} |"
+            f"{r.ours_gbps:.0f} | {100 * r.frac_copy_bw:.1f} | {r.max_rel_err:.1e} | {_fmt(r.gemv_us)} | "
+            f"{_fmt(r.gemm_us)} | {_fmt(r.dequant_mm_us)} |"
         )
     if decode:
         lines += ["", f"Decode (linears only, attention and norms omitted; {meta['decode timing']}):", ""]

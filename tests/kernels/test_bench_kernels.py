@@ -30,6 +30,7 @@ def test_dry_run_writes_tables(bench, tmp_path: Path, capsys: pytest.CaptureFixt
     rows = list(csv.DictReader((tmp_path / "kernels.csv").open()))
     assert [(r["m"], r["path"]) for r in rows] == [("1", "gemv"), ("5", "gemm")]
     assert all(float(r["ours_us"]) > 0 and float(r["fp16_us"]) > 0 and r["gemm_us"] for r in rows)
+    assert all(float(r["max_rel_err"]) < bench.CHECK_REL_TOL for r in rows)  # results checked, not only timed
     decode = list(csv.DictReader((tmp_path / "decode.csv").open()))
     assert [d["batch"] for d in decode] == ["1", "2"] and all(float(d["ours_tok_s"]) > 0 for d in decode)
     md = (tmp_path / "kernels.md").read_text()
