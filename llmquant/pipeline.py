@@ -162,9 +162,10 @@ def capture_layer_inputs(
 
     outside = _outside_modules(source)
     # parameterless modules (rotary embeddings) keep their float32 buffers: move, don't cast
-    saved = [(m, next(m.parameters(), None)) for m in outside]
-    for m, p in saved:
-        m.to(device=device, dtype=dtype if p is not None else None)
+    # (remember dtypes, not parameters: Module.to converts a parameter in place, so its dtype changes)
+    saved = [(m, getattr(next(m.parameters(), None), "dtype", None)) for m in outside]
+    for m, p_dtype in saved:
+        m.to(device=device, dtype=dtype if p_dtype is not None else None)
     handle = source.layers[0].register_forward_pre_hook(pre_hook, with_kwargs=True)
     inputs, kwargs_list, masks = [], [], []
     try:
@@ -183,8 +184,8 @@ def capture_layer_inputs(
             masks.append(mask.bool() if padded else None)
     finally:
         handle.remove()
-        for m, p in saved:
-            m.to(device="cpu", dtype=p.dtype if p is not None else None)
+        for m, p_dtype in saved:
+            m.to(device="cpu", dtype=p_dtype)
     return inputs, kwargs_list, masks
 
 

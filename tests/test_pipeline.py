@@ -76,6 +76,16 @@ def test_gptq_pipeline_beats_rtn_on_layer_outputs(make_tiny_llama) -> None:
     assert errs["gptq"] < 0.8 * errs["rtn"], errs
 
 
+def test_calibrated_run_keeps_unquantized_dtypes(make_tiny_llama) -> None:
+    """Embeddings, norms (and the untied head) keep the checkpoint's dtype although the CPU computes
+    the calibration forward in float32 (regression: fp16 embeddings came back float32)."""
+    model = make_tiny_llama(tie=False).to(torch.float16)
+    result = pipeline.quantize(model, GPTQConfig(SCHEME), _blocks(), device="cpu", progress=False)
+    dtypes = {n: p.dtype for n, p in result.model.named_parameters()}
+    assert "model.embed_tokens.weight" in dtypes and "lm_head.weight" in dtypes
+    assert set(dtypes.values()) == {torch.float16}, dtypes
+
+
 def test_padding_never_enters_statistics(make_tiny_llama) -> None:
     cfg = GPTQConfig(SCHEME)
     a = pipeline.quantize(make_tiny_llama(), cfg, _blocks(pad_tail=8, pad_id=0), progress=False)
