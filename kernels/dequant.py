@@ -39,6 +39,12 @@ _FP16_MAGIC = tl.constexpr(0x6400)  # float16 bits of 1024
 
 
 @triton.jit
+def _magic_f32(v):
+    """float32 2^23 + v for int v in [0, 2^23) (bits 0x4B000000 | v): exact, no I2F instruction."""
+    return (v.to(tl.int32) | _FP32_MAGIC).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _dequantize_tile(codes, scale, zero, FP16_MATH: tl.constexpr):
     """codes int32 [BK, BN] in [0, 2^bits), scale fp16 and zero uint8 broadcastable to it.
 
@@ -49,8 +55,8 @@ def _dequantize_tile(codes, scale, zero, FP16_MATH: tl.constexpr):
         zm = (zero.to(tl.int32) | _FP16_MAGIC).to(tl.int16).to(tl.float16, bitcast=True)  # 1024 + z
         w = (q - zm) * scale
     else:
-        q = (codes | _FP32_MAGIC).to(tl.float32, bitcast=True)  # 2^23 + q
-        zm = (zero.to(tl.int32) | _FP32_MAGIC).to(tl.float32, bitcast=True)  # 2^23 + z
+        q = _magic_f32(codes)  # 2^23 + q
+        zm = _magic_f32(zero)  # 2^23 + z
         w = (q - zm) * scale.to(tl.float32)
     return w
 

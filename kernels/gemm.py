@@ -180,7 +180,7 @@ def _gemm_kernel(
                     GROUP_SIZE, BLOCK_K, FP16_MATH, FP32_DOT, HAS_PERM, EVEN_K, EVEN_N, WEIGHT_EVICTION,
                 )  # fmt: skip
 
-    # ---- epilogue: bias (split 0 only), store or atomic-add ----------------------------------------
+    # ---- epilogue: bias and store (split-K: the last split of the tile reduces first) -------------
     _store_tile(
         acc, y_ptr, ws_ptr, lock_ptr, bias_ptr, offs_m, offs_n, mask_m, mask_n, pid, pid_k,
         stride_ym, stride_yn, M, N, HAS_BIAS, SPLIT_K,

@@ -38,7 +38,7 @@ import triton.language as tl
 
 from ._launch import finish, kernel_args, prepare
 from .configs import autotune_timer, gemv_configs, max_split_k, prune_gemv
-from .dequant import _FP32_MAGIC, _group_params, _load_words, _slice_codes, _slice_rows, _store_tile
+from .dequant import _group_params, _load_words, _magic_f32, _slice_codes, _slice_rows, _store_tile
 from .layout import quant_matmul_ref
 
 GEMV_MAX_BLOCK_M = 16
@@ -52,14 +52,14 @@ def _slice_weight(
 ):  # fmt: skip
     """fp32 [BLOCK_K / PACK, BLOCK_N] weights of slice j: q - z (exact; the caller applies the tile's one
     scale row) when the tile lies in one group, else (q - z) * s with per-row scales/zeros."""
-    qf = (_slice_codes(words, j, BITS) | _FP32_MAGIC).to(tl.float32, bitcast=True)  # 2^23 + q
+    qf = _magic_f32(_slice_codes(words, j, BITS))  # 2^23 + q
     if GROUP_SIZE % BLOCK_K == 0:
         return qf - zf  # (2^23 + q) - (2^23 + z) = q - z, exact
     s_j, z_j = _group_params(
         scales_ptr, zeros_ptr, offs_k, offs_n, k0, K, N,
         stride_sg, stride_sn, stride_zg, stride_zn, GROUP_SIZE, BLOCK_K, EVEN_N, "evict_first",
     )  # fmt: skip
-    return (qf - (z_j.to(tl.int32) | _FP32_MAGIC).to(tl.float32, bitcast=True)) * s_j.to(tl.float32)
+    return (qf - _magic_f32(z_j)) * s_j.to(tl.float32)
 
 
 @triton.jit
@@ -86,7 +86,7 @@ def _tile_params(
         scales_ptr, zeros_ptr, _slice_rows(k0, 0, BITS, BLOCK_K), offs_n, k0, K, N,
         stride_sg, stride_sn, stride_zg, stride_zn, GROUP_SIZE, BLOCK_K, EVEN_N, "evict_first",
     )  # fmt: skip
-    zf = (zero.to(tl.int32) | _FP32_MAGIC).to(tl.float32, bitcast=True)  # 2^23 + z
+    zf = _magic_f32(zero)  # 2^23 + z
     return words, scale.to(tl.float32), zf
 
 
@@ -237,7 +237,7 @@ def _gemv_kernel(
             BITS, GROUP_SIZE, HAS_PERM, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, EVEN_N,
         )  # fmt: skip
 
-    # ---- epilogue: bias (split 0 only), store or atomic-add ----------------------------------------
+    # ---- epilogue: bias and store (split-K: the last split of the tile reduces first) -------------
     _store_tile(
         acc, y_ptr, ws_ptr, lock_ptr, bias_ptr, offs_m, offs_n, mask_m, mask_n, pid_n, pid_k,
         stride_ym, stride_yn, M, N, HAS_BIAS, SPLIT_K,
