@@ -92,6 +92,38 @@ def _load_words(
 
 
 @triton.jit
+def _load_words_until(
+    qweight_ptr, k0, offs_n, k_limit, N, stride_qk, stride_qn,
+    BITS: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr, EVICTION: tl.constexpr,
+):  # fmt: skip
+    """``_load_words`` with the rows masked at ``k_limit`` (a split's end, or K): words of inputs at or
+    past it are not read (0). The mask is uniform along N, so loads stay vectorized; prefetching the
+    tile after a split's last one costs no memory traffic."""
+    PACK: tl.constexpr = 32 // BITS
+    offs_w = k0 // PACK + tl.arange(0, BLOCK_K // PACK)
+    ptrs = qweight_ptr + offs_w[:, None] * stride_qk + offs_n[None, :] * stride_qn
+    mask = (offs_w < tl.cdiv(k_limit, PACK))[:, None]
+    if not EVEN_N:
+        mask = mask & (offs_n < N)[None, :]
+    return tl.load(ptrs, mask=mask, other=0, eviction_policy=EVICTION)
+
+
+@triton.jit
+def _mantissa_codes(words, j: tl.constexpr, BITS: tl.constexpr):
+    """float32 1 + q / 2^BITS for the codes q of slice j of a word tile, built by moving each code to the
+    top of the mantissa of 1.0 (bits 0x3F800000 | q << (23 - BITS)): one shift and one LOP3 per weight,
+    exact, no int->float conversion and no zero subtraction per weight (callers correct with the tile's
+    sum of x: sum x (q - z) = 2^BITS * sum x (1 + q / 2^BITS) - (2^BITS + z) * sum x)."""
+    SHIFT: tl.constexpr = 23 - BITS - BITS * j  # code j sits at bits [BITS * j, BITS * j + BITS)
+    if SHIFT >= 0:
+        v = words << SHIFT
+    else:
+        v = words >> (-SHIFT)
+    v = (v & (((1 << BITS) - 1) << (23 - BITS))) | 0x3F800000
+    return v.to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _slice_codes(words, j, BITS: tl.constexpr):
     """Codes int32 [BLOCK_K // PACK, BLOCK_N] of inputs k0 + w * PACK + j (slice j of a word tile)."""
     return (words >> (j * BITS)) & ((1 << BITS) - 1)

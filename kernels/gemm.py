@@ -42,6 +42,7 @@ from .dequant import (
     _dequantize_tile,
     _group_params,
     _load_words,
+    _magic_f32,
     _slice_codes,
     _slice_rows,
     _store_tile,
@@ -74,6 +75,78 @@ def _dequant_dot(
     if FP32_DOT:  # constexpr branch; fp32 needs exact "ieee" dots (default: tf32)
         return tl.dot(x, w, acc, input_precision="ieee")
     return tl.dot(x, w, acc)
+
+
+@triton.jit
+def _x_tile(
+    x_ptr, perm_ptr, offs_m, offs_k, mask_m, K, stride_xm, stride_xk,
+    HAS_PERM: tl.constexpr, EVEN_K: tl.constexpr,
+):  # fmt: skip
+    """x [BLOCK_M, len(offs_k)]: the activation columns of inputs offs_k (through perm for act-order)."""
+    mask_k = offs_k < K
+    if HAS_PERM:
+        x_cols = tl.load(perm_ptr + offs_k, mask=mask_k, other=0, eviction_policy="evict_last")
+    else:
+        x_cols = offs_k
+    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + x_cols[None, :] * stride_xk
+    x_mask = mask_m[:, None] if EVEN_K else mask_m[:, None] & mask_k[None, :]
+    return tl.load(x_ptrs, mask=x_mask, other=0.0, eviction_policy="evict_last")
+
+
+@triton.jit
+def _q_minus_z(codes, zero, FP16_MATH: tl.constexpr, DTYPE: tl.constexpr):
+    """q - z, exact, in DTYPE (|q - z| < 2^8 fits every dot dtype): half magic numbers for fp16
+    (1024 + q minus 1024 + z, packed half2 math), fp32 magic numbers and one exact cast otherwise."""
+    if FP16_MATH:
+        q = (codes | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)  # 1024 + q
+        zm = (zero.to(tl.int32) | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)  # 1024 + z
+        return q - zm
+    return (_magic_f32(codes) - _magic_f32(zero)).to(DTYPE)
+
+
+@triton.jit
+def _dot_scaled_tile(
+    acc, words, x_ptr, perm_ptr, scales_ptr, zeros_ptr, offs_m, offs_n, mask_m, k0, K, N,
+    stride_xm, stride_xk, stride_sg, stride_sn, stride_zg, stride_zn,
+    BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_K: tl.constexpr, FP16_MATH: tl.constexpr,
+    FP32_DOT: tl.constexpr, HAS_PERM: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
+    EVICTION: tl.constexpr, ONE_DOT: tl.constexpr, SWAP_AB: tl.constexpr,
+):  # fmt: skip
+    """acc + s * (x @ (q - z)) for a tile inside one group (GROUP_SIZE % BLOCK_K == 0): the dots take the
+    exact integers q - z and the group's scale row multiplies the fp32 tile sum once (no per-weight
+    multiply). SWAP_AB computes the transposed tile (W^T-slice @ x^T, acc is [BLOCK_N, BLOCK_M]) so the
+    weight fills the MMA's M dimension when BLOCK_M is small."""
+    PACK: tl.constexpr = 32 // BITS
+    DOT_PREC: tl.constexpr = "ieee" if FP32_DOT else None
+    scale, zero = _group_params(
+        scales_ptr, zeros_ptr, _slice_rows(k0, 0, BITS, BLOCK_K), offs_n, k0, K, N,
+        stride_sg, stride_sn, stride_zg, stride_zn, GROUP_SIZE, BLOCK_K, EVEN_N, EVICTION,
+    )  # fmt: skip
+    if ONE_DOT:  # slice-major rows, as in _gemm_kernel
+        offs_r = tl.arange(0, BLOCK_K)
+        offs_k = k0 + (offs_r % (BLOCK_K // PACK)) * PACK + offs_r // (BLOCK_K // PACK)
+        shifts = tl.arange(0, PACK) * BITS
+        codes = (words[None, :, :] >> shifts[:, None, None]) & ((1 << BITS) - 1)
+        codes = tl.reshape(codes, (BLOCK_K, words.shape[1]))
+        x = _x_tile(x_ptr, perm_ptr, offs_m, offs_k, mask_m, K, stride_xm, stride_xk, HAS_PERM, EVEN_K)
+        w = _q_minus_z(codes, zero, FP16_MATH, x.dtype)
+        if SWAP_AB:
+            t = tl.dot(tl.trans(w), tl.trans(x), input_precision=DOT_PREC)
+        else:
+            t = tl.dot(x, w, input_precision=DOT_PREC)
+    else:
+        t = tl.zeros((acc.shape[0], acc.shape[1]), dtype=tl.float32)
+        for j in tl.static_range(PACK):
+            offs_k = _slice_rows(k0, j, BITS, BLOCK_K)
+            x = _x_tile(x_ptr, perm_ptr, offs_m, offs_k, mask_m, K, stride_xm, stride_xk, HAS_PERM, EVEN_K)
+            w = _q_minus_z(_slice_codes(words, j, BITS), zero, FP16_MATH, x.dtype)
+            if SWAP_AB:
+                t = tl.dot(tl.trans(w), tl.trans(x), t, input_precision=DOT_PREC)
+            else:
+                t = tl.dot(x, w, t, input_precision=DOT_PREC)
+    if SWAP_AB:
+        return acc + t * tl.trans(scale.to(tl.float32))
+    return acc + t * scale.to(tl.float32)
 
 
 @triton.heuristics(
@@ -129,6 +202,8 @@ def _gemm_kernel(
     EVEN_N: tl.constexpr,
     WEIGHT_EVICTION: tl.constexpr,
     ONE_DOT: tl.constexpr = False,  # one dot over the tile's reshaped codes, else one dot per slice
+    SCALE_AFTER: tl.constexpr = True,  # one group per tile: dots on q - z, scale once per tile
+    SWAP_AB: tl.constexpr = False,  # (SCALE_AFTER) transposed tile: weights fill the MMA M dimension
 ):
     # ---- map program id -> (pid_m, pid_n), grouped for L2 reuse ------------------------------------
     PACK: tl.constexpr = 32 // BITS
@@ -152,6 +227,18 @@ def _gemm_kernel(
     k_end = tl.minimum(k_start + k_split, K)
 
     # ---- main loop: per word tile, dequantize + tensor-core dot(s), fp32 accumulate ------------------
+    if SCALE_AFTER and GROUP_SIZE % BLOCK_K == 0:
+        acc = _gemm_scaled_loop(
+            x_ptr, qweight_ptr, scales_ptr, zeros_ptr, perm_ptr, offs_m, offs_n, mask_m, k_start, k_end, K, N,
+            stride_xm, stride_xk, stride_qk, stride_qn, stride_sg, stride_sn, stride_zg, stride_zn,
+            BITS, GROUP_SIZE, FP16_MATH, FP32_DOT, HAS_PERM, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, EVEN_N,
+            WEIGHT_EVICTION, ONE_DOT, SWAP_AB,
+        )  # fmt: skip
+        _store_tile(
+            acc, y_ptr, ws_ptr, lock_ptr, bias_ptr, offs_m, offs_n, mask_m, mask_n, pid, pid_k,
+            stride_ym, stride_yn, M, N, HAS_BIAS, SPLIT_K,
+        )  # fmt: skip
+        return
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
         words = _load_words(
@@ -185,6 +272,35 @@ def _gemm_kernel(
         acc, y_ptr, ws_ptr, lock_ptr, bias_ptr, offs_m, offs_n, mask_m, mask_n, pid, pid_k,
         stride_ym, stride_yn, M, N, HAS_BIAS, SPLIT_K,
     )  # fmt: skip
+
+
+@triton.jit
+def _gemm_scaled_loop(
+    x_ptr, qweight_ptr, scales_ptr, zeros_ptr, perm_ptr, offs_m, offs_n, mask_m, k_start, k_end, K, N,
+    stride_xm, stride_xk, stride_qk, stride_qn, stride_sg, stride_sn, stride_zg, stride_zn,
+    BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, FP16_MATH: tl.constexpr, FP32_DOT: tl.constexpr,
+    HAS_PERM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, EVICTION: tl.constexpr, ONE_DOT: tl.constexpr,
+    SWAP_AB: tl.constexpr,
+):  # fmt: skip
+    """The K loop of the SCALE_AFTER path: [BLOCK_M, BLOCK_N] fp32 (transposed in registers with SWAP_AB)."""
+    if SWAP_AB:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        words = _load_words(
+            qweight_ptr, k0, offs_n, K, N, stride_qk, stride_qn, BITS, BLOCK_K, EVEN_K, EVEN_N, EVICTION
+        )  # fmt: skip
+        acc = _dot_scaled_tile(
+            acc, words, x_ptr, perm_ptr, scales_ptr, zeros_ptr, offs_m, offs_n, mask_m, k0, K, N,
+            stride_xm, stride_xk, stride_sg, stride_sn, stride_zg, stride_zn,
+            BITS, GROUP_SIZE, BLOCK_K, FP16_MATH, FP32_DOT, HAS_PERM, EVEN_K, EVEN_N, EVICTION,
+            ONE_DOT, SWAP_AB,
+        )  # fmt: skip
+    if SWAP_AB:
+        return tl.trans(acc)
+    return acc
 
 
 _gemm_kernel_tuned = triton.autotune(

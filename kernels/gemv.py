@@ -38,7 +38,16 @@ import triton.language as tl
 
 from ._launch import finish, kernel_args, prepare
 from .configs import autotune_timer, gemv_configs, max_split_k, prune_gemv
-from .dequant import _group_params, _load_words, _magic_f32, _slice_codes, _slice_rows, _store_tile
+from .dequant import (
+    _group_params,
+    _load_words,
+    _load_words_until,
+    _magic_f32,
+    _mantissa_codes,
+    _slice_codes,
+    _slice_rows,
+    _store_tile,
+)
 from .layout import quant_matmul_ref
 
 GEMV_MAX_BLOCK_M = 16
@@ -128,6 +137,56 @@ def _gemv_one_row(
 
 
 @triton.jit
+def _gemv_one_row_fast(
+    x_ptr, qweight_ptr, scales_ptr, zeros_ptr, perm_ptr, offs_n, k_start, k_end, K, N,
+    stride_xk, stride_qk, stride_qn, stride_sg, stride_sn, stride_zg, stride_zn,
+    BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_PERM: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, PREFETCH: tl.constexpr,
+):  # fmt: skip
+    """M = 1, every tile inside one group (GROUP_SIZE % BLOCK_K == 0): ``_gemv_one_row`` with 3 ops per
+    weight instead of 5 (``_mantissa_codes``: shift, LOP3, FFMA; the zero point and scale are applied
+    once per tile and row through the tile's sum of x). With PREFETCH the next tile's words are loaded
+    before this tile is computed (register double buffer), so the load latency overlaps the math."""
+    PACK: tl.constexpr = 32 // BITS
+    TWO_B: tl.constexpr = 1 << BITS
+    acc2 = tl.zeros((BLOCK_K // PACK, BLOCK_N), dtype=tl.float32)
+    if PREFETCH:
+        nxt = _load_words_until(
+            qweight_ptr, k_start, offs_n, k_end, N, stride_qk, stride_qn, BITS, BLOCK_K, EVEN_N, "evict_first"
+        )  # fmt: skip
+    for k0 in range(k_start, k_end, BLOCK_K):
+        if PREFETCH:
+            words = nxt
+            nxt = _load_words_until(
+                qweight_ptr, k0 + BLOCK_K, offs_n, k_end, N, stride_qk, stride_qn,
+                BITS, BLOCK_K, EVEN_N, "evict_first",
+            )  # fmt: skip
+        else:
+            words = _load_words_until(
+                qweight_ptr, k0, offs_n, k_end, N, stride_qk, stride_qn, BITS, BLOCK_K, EVEN_N, "evict_first"
+            )  # fmt: skip
+        scale, zero = _group_params(
+            scales_ptr, zeros_ptr, _slice_rows(k0, 0, BITS, BLOCK_K), offs_n, k0, K, N,
+            stride_sg, stride_sn, stride_zg, stride_zn, GROUP_SIZE, BLOCK_K, EVEN_N, "evict_first",
+        )  # fmt: skip
+        t = tl.zeros((BLOCK_K // PACK, BLOCK_N), dtype=tl.float32)
+        xs = tl.zeros((BLOCK_K // PACK,), dtype=tl.float32)
+        for j in tl.static_range(PACK):
+            x_cols, mask_k = _x_cols(perm_ptr, _slice_rows(k0, j, BITS, BLOCK_K), K, HAS_PERM)
+            if EVEN_K:
+                x = tl.load(x_ptr + x_cols * stride_xk, eviction_policy="evict_last").to(tl.float32)
+            else:
+                x = tl.load(x_ptr + x_cols * stride_xk, mask=mask_k, other=0.0, eviction_policy="evict_last")
+                x = x.to(tl.float32)
+            t += x[:, None] * _mantissa_codes(words, j, BITS)  # x (1 + q / 2^B)
+            xs += x
+        s = scale.to(tl.float32)
+        # s * sum x (q - z) = (2^B s) * sum x (1 + q / 2^B) - ((2^B + z) s) * sum x
+        acc2 += t * (s * TWO_B) - xs[:, None] * (s * (zero.to(tl.float32) + TWO_B))
+    return tl.sum(acc2, axis=0)[None, :]  # [1, BLOCK_N]
+
+
+@triton.jit
 def _gemv_rows(
     x_ptr, qweight_ptr, scales_ptr, zeros_ptr, perm_ptr, offs_m, offs_n, k_start, k_end, M, K, N,
     stride_xm, stride_xk, stride_qk, stride_qn, stride_sg, stride_sn, stride_zg, stride_zn,
@@ -210,6 +269,8 @@ def _gemv_kernel(
     SPLIT_K: tl.constexpr,
     EVEN_K: tl.constexpr,
     EVEN_N: tl.constexpr,
+    FAST: tl.constexpr = True,  # M = 1, one group per tile: _gemv_one_row_fast
+    PREFETCH: tl.constexpr = True,  # its register double buffer
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -224,7 +285,13 @@ def _gemv_kernel(
     k_end = tl.minimum(k_start + k_split, K)
 
     # ---- stream weights, accumulate in fp32 --------------------------------------------------------
-    if BLOCK_M == 1:
+    if BLOCK_M == 1 and FAST and GROUP_SIZE % BLOCK_K == 0:
+        acc = _gemv_one_row_fast(
+            x_ptr, qweight_ptr, scales_ptr, zeros_ptr, perm_ptr, offs_n, k_start, k_end, K, N,
+            stride_xk, stride_qk, stride_qn, stride_sg, stride_sn, stride_zg, stride_zn,
+            BITS, GROUP_SIZE, HAS_PERM, BLOCK_N, BLOCK_K, EVEN_K, EVEN_N, PREFETCH,
+        )  # fmt: skip
+    elif BLOCK_M == 1:
         acc = _gemv_one_row(
             x_ptr, qweight_ptr, scales_ptr, zeros_ptr, perm_ptr, offs_n, k_start, k_end, K, N,
             stride_xk, stride_qk, stride_qn, stride_sg, stride_sn, stride_zg, stride_zn,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 import triton
-from kernel_helpers import TOLERANCES, make_layout
-from llmquant.kernels import gemm, gemv, quant_matmul, quant_matmul_ref
+from kernel_helpers import assert_matmul_accuracy, make_layout
+from llmquant.kernels import gemm, gemv, quant_matmul
 
 # (M, N, K, group_size, bits, sym, act_order, bias): every M in {1, 3, 16, 33}, N in {8, 24, 72}, each
 # K kind (64, 96 = ragged BLOCK_K tail, 576/g128 = ragged last group, 160/g32 = BLOCK_K > group),
@@ -29,10 +29,7 @@ CASES = [
 
 
 def _check(y: torch.Tensor, x: torch.Tensor, lay: dict, bits: int, gs: int | None, bias) -> None:
-    gs = gs or x.shape[-1]
-    ref = quant_matmul_ref(x, lay["qweight"], lay["scales"], lay["zeros"], bits, gs, lay["perm"], bias)
-    assert y.shape == ref.shape and y.dtype == ref.dtype
-    torch.testing.assert_close(y, ref, **TOLERANCES[x.dtype])
+    assert_matmul_accuracy(y, x, lay, bits, gs, bias)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
