@@ -120,11 +120,14 @@ def gemv_configs() -> list[triton.Config]:
 def gemm_configs() -> list[triton.Config]:
     if interpreting():
         return [INTERPRET_GEMM]
+    # SCALE_AFTER (the kernel default) and per-slice dots: in the H100 sweep (scripts/sweep_kernels.py,
+    # docs/benchmarks.md) ONE_DOT lost on the skinny shapes, so only a few ONE_DOT configs are tuned.
     configs = []
     for bm, bn, bk, w, s in (
-        # skinny M (5..64): one MMA row tile, wide N tiles, split-K fills the SMs
-        (16, 64, 128, 4, 3),
+        # skinny M (2..64): one MMA row tile, wide N tiles, split-K fills the SMs
+        (16, 64, 128, 4, 2),
         (16, 128, 128, 4, 3),
+        (16, 128, 128, 8, 3),
         (16, 256, 128, 8, 3),
         (16, 128, 256, 4, 3),
         (16, 64, 64, 4, 3),
@@ -138,11 +141,13 @@ def gemm_configs() -> list[triton.Config]:
         (128, 128, 64, 8, 3),
         (128, 128, 256, 8, 3),
     ):
-        for sk in (1, 2, 4):
-            for one_dot in (True, False):
-                configs.append(
-                    _cfg(w, s, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, GROUP_M=8, ONE_DOT=one_dot)
-                )
+        for sk in (1, 2, 4, 8) if bm <= 64 else (1,):
+            configs.append(_cfg(w, s, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, GROUP_M=8))
+    # ONE_DOT keeps a group-aligned BLOCK_K = 128 possible for 2-bit (per-slice dots need BLOCK_K >= 256)
+    for bm, bn, bk, w, s in ((16, 128, 128, 4, 3), (64, 128, 128, 4, 3), (128, 128, 128, 8, 3)):
+        for sk in (1, 4) if bm <= 64 else (1,):
+            tile = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "GROUP_M": 8}
+            configs.append(_cfg(w, s, **tile, ONE_DOT=True))
     return configs
 
 

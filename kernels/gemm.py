@@ -110,12 +110,11 @@ def _dot_scaled_tile(
     stride_xm, stride_xk, stride_sg, stride_sn, stride_zg, stride_zn,
     BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_K: tl.constexpr, FP16_MATH: tl.constexpr,
     FP32_DOT: tl.constexpr, HAS_PERM: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
-    EVICTION: tl.constexpr, ONE_DOT: tl.constexpr, SWAP_AB: tl.constexpr,
+    EVICTION: tl.constexpr, ONE_DOT: tl.constexpr,
 ):  # fmt: skip
     """acc + s * (x @ (q - z)) for a tile inside one group (GROUP_SIZE % BLOCK_K == 0): the dots take the
     exact integers q - z and the group's scale row multiplies the fp32 tile sum once (no per-weight
-    multiply). SWAP_AB computes the transposed tile (W^T-slice @ x^T, acc is [BLOCK_N, BLOCK_M]) so the
-    weight fills the MMA's M dimension when BLOCK_M is small."""
+    multiply, and the sums are more exact than with a rounded W)."""
     PACK: tl.constexpr = 32 // BITS
     DOT_PREC: tl.constexpr = "ieee" if FP32_DOT else None
     scale, zero = _group_params(
@@ -130,22 +129,14 @@ def _dot_scaled_tile(
         codes = tl.reshape(codes, (BLOCK_K, words.shape[1]))
         x = _x_tile(x_ptr, perm_ptr, offs_m, offs_k, mask_m, K, stride_xm, stride_xk, HAS_PERM, EVEN_K)
         w = _q_minus_z(codes, zero, FP16_MATH, x.dtype)
-        if SWAP_AB:
-            t = tl.dot(tl.trans(w), tl.trans(x), input_precision=DOT_PREC)
-        else:
-            t = tl.dot(x, w, input_precision=DOT_PREC)
+        t = tl.dot(x, w, input_precision=DOT_PREC)
     else:
         t = tl.zeros((acc.shape[0], acc.shape[1]), dtype=tl.float32)
         for j in tl.static_range(PACK):
             offs_k = _slice_rows(k0, j, BITS, BLOCK_K)
             x = _x_tile(x_ptr, perm_ptr, offs_m, offs_k, mask_m, K, stride_xm, stride_xk, HAS_PERM, EVEN_K)
             w = _q_minus_z(_slice_codes(words, j, BITS), zero, FP16_MATH, x.dtype)
-            if SWAP_AB:
-                t = tl.dot(tl.trans(w), tl.trans(x), t, input_precision=DOT_PREC)
-            else:
-                t = tl.dot(x, w, t, input_precision=DOT_PREC)
-    if SWAP_AB:
-        return acc + t * tl.trans(scale.to(tl.float32))
+            t = tl.dot(x, w, t, input_precision=DOT_PREC)
     return acc + t * scale.to(tl.float32)
 
 
@@ -203,7 +194,6 @@ def _gemm_kernel(
     WEIGHT_EVICTION: tl.constexpr,
     ONE_DOT: tl.constexpr = False,  # one dot over the tile's reshaped codes, else one dot per slice
     SCALE_AFTER: tl.constexpr = True,  # one group per tile: dots on q - z, scale once per tile
-    SWAP_AB: tl.constexpr = False,  # (SCALE_AFTER) transposed tile: weights fill the MMA M dimension
 ):
     # ---- map program id -> (pid_m, pid_n), grouped for L2 reuse ------------------------------------
     PACK: tl.constexpr = 32 // BITS
@@ -232,7 +222,7 @@ def _gemm_kernel(
             x_ptr, qweight_ptr, scales_ptr, zeros_ptr, perm_ptr, offs_m, offs_n, mask_m, k_start, k_end, K, N,
             stride_xm, stride_xk, stride_qk, stride_qn, stride_sg, stride_sn, stride_zg, stride_zn,
             BITS, GROUP_SIZE, FP16_MATH, FP32_DOT, HAS_PERM, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, EVEN_N,
-            WEIGHT_EVICTION, ONE_DOT, SWAP_AB,
+            WEIGHT_EVICTION, ONE_DOT,
         )  # fmt: skip
         _store_tile(
             acc, y_ptr, ws_ptr, lock_ptr, bias_ptr, offs_m, offs_n, mask_m, mask_n, pid, pid_k,
@@ -281,13 +271,9 @@ def _gemm_scaled_loop(
     BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, FP16_MATH: tl.constexpr, FP32_DOT: tl.constexpr,
     HAS_PERM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, EVICTION: tl.constexpr, ONE_DOT: tl.constexpr,
-    SWAP_AB: tl.constexpr,
 ):  # fmt: skip
-    """The K loop of the SCALE_AFTER path: [BLOCK_M, BLOCK_N] fp32 (transposed in registers with SWAP_AB)."""
-    if SWAP_AB:
-        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    else:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    """The K loop of the SCALE_AFTER path: the [BLOCK_M, BLOCK_N] fp32 tile sum."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
         words = _load_words(
             qweight_ptr, k0, offs_n, K, N, stride_qk, stride_qn, BITS, BLOCK_K, EVEN_K, EVEN_N, EVICTION
@@ -295,11 +281,8 @@ def _gemm_scaled_loop(
         acc = _dot_scaled_tile(
             acc, words, x_ptr, perm_ptr, scales_ptr, zeros_ptr, offs_m, offs_n, mask_m, k0, K, N,
             stride_xm, stride_xk, stride_sg, stride_sn, stride_zg, stride_zn,
-            BITS, GROUP_SIZE, BLOCK_K, FP16_MATH, FP32_DOT, HAS_PERM, EVEN_K, EVEN_N, EVICTION,
-            ONE_DOT, SWAP_AB,
+            BITS, GROUP_SIZE, BLOCK_K, FP16_MATH, FP32_DOT, HAS_PERM, EVEN_K, EVEN_N, EVICTION, ONE_DOT,
         )  # fmt: skip
-    if SWAP_AB:
-        return tl.trans(acc)
     return acc
 
 

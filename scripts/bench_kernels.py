@@ -60,6 +60,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-decode", action="store_true", help="skip the decode benchmark")
     p.add_argument("--tune", action="store_true", help="dump the autotuned configs to OUT/tuned_<gpu>.json")
     p.add_argument("--load-tuned", type=Path, default=None, help="seed the autotuners from this JSON")
+    p.add_argument(
+        "--l2-flush",
+        choices=["write", "read"],
+        default="write",
+        help="how do_bench empties L2 before each timed call: 'write' (do_bench's own 256 MB zero-fill, "
+        "which leaves L2 full of dirty lines the timed kernel must write back) or 'read' (a 256 MB read: "
+        "L2 holds clean, unrelated lines, as between the layers of a real forward)",
+    )
+    p.add_argument("--decode-unfused", action="store_true", help="decode: separate q/k/v, gate/up matmuls")
     p.add_argument("--dry-run", action="store_true", help="tiny shapes on CPU, Triton interpreter")
     p.add_argument("--reps", type=int, default=3, help="timed repetitions per point in --dry-run")
     return p.parse_args(argv)
@@ -96,6 +105,13 @@ class Bench:
         self.reps = reps
         self.device = torch.device("cpu" if dry_run else "cuda")
         self.backend = "triton" if dry_run else "auto"
+
+    def use_read_flush(self) -> None:
+        """Make do_bench (and the autotuner, which uses it) empty L2 by reading its 256 MB buffer."""
+        import triton
+
+        if not self.dry_run:
+            triton.runtime.driver.active.clear_cache = lambda cache: cache.max()
 
     def time_us(self, fn: Callable[[], object]) -> float:
         """Median time of ``fn()`` in microseconds."""
@@ -239,15 +255,11 @@ def bench_decode(b: Bench, args: argparse.Namespace) -> list[DecodeRow]:
     dims = DRY_DECODE if args.dry_run else LLAMA_7B
     h, inter, n_layers = dims["hidden"], dims["intermediate"], dims["layers"]
     gs, bits = (DRY_GROUP_SIZE if args.dry_run else args.group_size), args.bits
-    names = {
-        "q": (h, h),
-        "k": (h, h),
-        "v": (h, h),
-        "o": (h, h),
-        "gate": (h, inter),
-        "up": (h, inter),
-        "down": (inter, h),
-    }
+    if args.decode_unfused:
+        names = {"q": (h, h), "k": (h, h), "v": (h, h), "o": (h, h), "gate": (h, inter), "up": (h, inter)}
+    else:  # q/k/v and gate/up share their input: one launch each (kernels.concat_layouts for checkpoints)
+        names = {"qkv": (h, 3 * h), "o": (h, h), "gate_up": (h, 2 * inter)}
+    names["down"] = (inter, h)
     layers = [
         {name: b.random_layout(k, n, bits, gs) for name, (k, n) in names.items()} for _ in range(n_layers)
     ]
@@ -267,12 +279,17 @@ def bench_decode(b: Bench, args: argparse.Namespace) -> list[DecodeRow]:
 
     def step(linear: Callable, weights: list[dict], x):  # noqa: ANN001, ANN202
         for layer in weights:
-            linear("q", layer, x)
-            linear("k", layer, x)
-            v = linear("v", layer, x)  # attention omitted: o_proj reads v
+            if args.decode_unfused:
+                linear("q", layer, x)
+                linear("k", layer, x)
+                v = linear("v", layer, x)  # attention omitted: o_proj reads v
+                gate, up = linear("gate", layer, x), linear("up", layer, x)
+            else:
+                v = linear("qkv", layer, x)[..., 2 * h :]
             x = x + linear("o", layer, v)
-            gated = torch.nn.functional.silu(linear("gate", layer, x)) * linear("up", layer, x)
-            x = x + linear("down", layer, gated)
+            if not args.decode_unfused:
+                gate, up = linear("gate_up", layer, x).split(inter, dim=-1)
+            x = x + linear("down", layer, torch.nn.functional.silu(gate) * up)
         return x
 
     rows = []
@@ -424,6 +441,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     args.batches_decode = [1, 2] if args.dry_run else DECODE_BATCHES
     b = Bench(args.dry_run, args.reps)
+    if args.l2_flush == "read":
+        b.use_read_flush()
     from llmquant.kernels import configs
 
     if args.load_tuned is not None:
@@ -439,7 +458,10 @@ def main(argv: list[str] | None = None) -> int:
         "group_size": args.group_size,
         "copy bandwidth (GB/s)": f"{copy_gbps:.0f}",
         "torch": torch.__version__,
-        "timer": "perf_counter median (dry run)" if args.dry_run else "do_bench median of CUDA-graph replays",
+        "timer": "perf_counter median (dry run)"
+        if args.dry_run
+        else f"do_bench median of CUDA-graph replays, L2 flush by {args.l2_flush}",
+        "decode linears": "separate q/k/v, gate/up" if args.decode_unfused else "fused qkv, fused gate_up",
         "decode timing": "eager (dry run)" if args.dry_run else "one step captured in a CUDA graph",
     }
     written = write_outputs(args.out, meta, rows, decode)

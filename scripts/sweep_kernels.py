@@ -2,7 +2,7 @@
 
 Where ``bench_kernels.py`` times the dispatched op with whatever the autotuner picks, this times every
 config of a hand-written grid on a few shapes and M values, so kernel variants (the GEMV's ``FAST`` /
-``PREFETCH``, the GEMM's ``SCALE_AFTER`` / ``SWAP_AB`` / ``ONE_DOT``) can be compared with each
+``PREFETCH``, the GEMM's ``SCALE_AFTER`` / ``ONE_DOT``) can be compared with each
 other and with fp16 cuBLAS, and the autotune lists in ``kernels/configs.py`` set from data.
 
 Each config is run once and checked against the fp32 reference (relative error; a config that fails
@@ -54,11 +54,9 @@ def gemm_grid(m: int) -> list[dict]:
     bm = min(max(16, 1 << (m - 1).bit_length()), 64)
     out = []
     variants = [
-        {"SCALE_AFTER": False, "SWAP_AB": False, "ONE_DOT": False},
-        {"SCALE_AFTER": True, "SWAP_AB": False, "ONE_DOT": False},
-        {"SCALE_AFTER": True, "SWAP_AB": False, "ONE_DOT": True},
-        {"SCALE_AFTER": True, "SWAP_AB": True, "ONE_DOT": False},
-        {"SCALE_AFTER": True, "SWAP_AB": True, "ONE_DOT": True},
+        {"SCALE_AFTER": False, "ONE_DOT": False},
+        {"SCALE_AFTER": True, "ONE_DOT": False},
+        {"SCALE_AFTER": True, "ONE_DOT": True},
     ]
     tiles = [(128, 128), (64, 128), (256, 128), (128, 256), (64, 256)]
     for (bn, bk), v, sk, (w, s) in itertools.product(tiles, variants, (1, 2, 4, 8), ((4, 3), (8, 3), (4, 2))):
@@ -138,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _variant(op: str, cfg: dict) -> str:
-    keys = ("FAST", "PREFETCH") if op == "gemv" else ("SCALE_AFTER", "SWAP_AB", "ONE_DOT")
+    keys = ("FAST", "PREFETCH") if op == "gemv" else ("SCALE_AFTER", "ONE_DOT")
     return op + ":" + ",".join(f"{key}={int(bool(cfg.get(key, False)))}" for key in keys)
 
 

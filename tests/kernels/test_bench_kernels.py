@@ -53,3 +53,11 @@ def test_without_cuda_one_line_message(
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "CUDA" in err and "Traceback" not in err
     assert not any(tmp_path.iterdir())
+
+
+def test_dry_run_unfused_decode_and_read_flush(bench, tmp_path: Path) -> None:  # noqa: ANN001
+    argv = ["--dry-run", "--out", str(tmp_path), "--reps", "1", "--no-paths", "--batches", "1"]
+    assert bench.main([*argv, "--decode-unfused", "--l2-flush", "read"]) == 0
+    decode = list(csv.DictReader((tmp_path / "decode.csv").open()))
+    assert [d["batch"] for d in decode] == ["1", "2"] and all(float(d["ours_tok_s"]) > 0 for d in decode)
+    assert "separate q/k/v" in (tmp_path / "kernels.md").read_text()
