@@ -16,7 +16,9 @@ Decomposition of ``_gemm_kernel``: grid (cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N), SP
     PACK + r // (BLOCK_K/PACK)), gathers x's columns in that same order and issues one ``tl.dot``
     (a dot's K order is free as long as both operands agree), or
   - issues one dot per slice j (inputs k0 + w * PACK + j, K extent BLOCK_K / PACK >= 16, pruned).
-  The autotuner picks whichever is faster. Dequantization uses the magic-number int->float trick, fp16
+  The autotuner picks whichever is faster. With ``SCALE_AFTER`` (default) and BLOCK_K dividing the group,
+  the dots take the exact integers q - z (``_q_minus_z``) and the group's scale row multiplies the fp32 tile
+  sum once (``_dot_scaled_tile``); otherwise dequantization uses the magic-number int->float trick, fp16
   math for fp16 activations (bitwise the reference's W), one scale/zero row per tile when BLOCK_K
   divides group_size (gathered per row otherwise); act-order gathers x's columns through ``perm``;
   fp32 activations use exact "ieee" dots. Weights are loaded ``evict_first`` when one M tile covers
@@ -26,8 +28,9 @@ Decomposition of ``_gemm_kernel``: grid (cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N), SP
   SPLIT_K > 1 (only for M <= ``SPLIT_K_MAX_M``) fp32 partials go to a workspace and the last split of
   each tile reduces them and stores y, all in the one launch.
 
-Not done (possible follow-ups, see kernels-and-quality.md A.4): swapping A/B so weights fill the MMA
-M dimension at small M, persistent/stream-K scheduling, TMA descriptors.
+Not done (possible follow-ups, see kernels-and-quality.md A.4): persistent/stream-K scheduling, TMA
+descriptors, a weight layout in MMA-fragment order. Swapping A/B with ``tl.trans`` so the weights fill the
+MMA M dimension was tried and measured 2-3x slower on an H100 (docs/benchmarks.md), so it was removed.
 """
 
 from __future__ import annotations

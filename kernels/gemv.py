@@ -22,10 +22,15 @@ K range s*K_SPLIT .. (s+1)*K_SPLIT, K_SPLIT a multiple of BLOCK_K. Per BLOCK_K s
 
 Numerics: y = sum_g s_g * sum_{k in g} x_k (q_k - z_g) in fp32. The weight is never rounded to the
 activation dtype, so the result differs from ``quant_matmul_ref`` (which rounds W once to x's dtype)
-by at most that rounding: within the fp32-accumulation tolerances the tests use.
+by at most that rounding (the tests check it is at least as accurate as the reference against the
+exact product).
 
-M = 1 (the dispatched case) keeps everything 2-D (``_gemv_one_row``); 2..16 rows use a 3-D broadcast
-product (``_gemv_rows``). The fp32 sums are stored directly (SPLIT_K == 1); with SPLIT_K > 1 (lets a
+M = 1 (the dispatched case) keeps everything 2-D. When BLOCK_K divides group_size (the usual case) and the
+config's ``FAST`` flag is on (default) it runs ``_gemv_one_row_fast``: codes are placed in the mantissa of 1.0
+(``dequant._mantissa_codes``: 1 + q / 2^bits, one shift and one LOP3) and the zero point and scale are applied
+once per tile and row through the tile's sum of x, 3 ops per weight instead of the 5 of ``_gemv_one_row``
+(which handles tiles spanning groups). 2..16 rows use a 3-D broadcast product (``_gemv_rows``).
+The fp32 sums are stored directly (SPLIT_K == 1); with SPLIT_K > 1 (lets a
 handful of output tiles fill all SMs) the splits write partials to a workspace and the last split of
 each tile reduces them, adds the bias and stores y (``dequant._store_tile``): one launch either way.
 """

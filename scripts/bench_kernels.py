@@ -350,7 +350,7 @@ def _parse_shapes(specs: list[str] | None) -> list[tuple[int, int]] | None:
 def _fmt(v: object) -> str:
     if v is None:
         return ""
-    return f"{v:.3f}" if isinstance(v, float) else str(v)
+    return f"{v:.6g}" if isinstance(v, float) else str(v)
 
 
 def write_outputs(out: Path, meta: dict, rows: list[Row], decode: list[DecodeRow]) -> list[Path]:

@@ -1,0 +1,62 @@
+"""scripts/sweep_kernels.py and scripts/profile_kernels.py: the parts that run without a GPU."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
+
+
+def _load(name: str):  # noqa: ANN202
+    sys.path.insert(0, str(SCRIPTS))  # sweep_kernels imports bench_kernels
+    try:
+        spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(SCRIPTS))
+
+
+def test_sweep_grids_are_valid_configs() -> None:
+    sweep = _load("sweep_kernels")
+    gemv = sweep.gemv_grid(1)
+    assert gemv and all(c["BLOCK_K"] % 8 == 0 and c["SPLIT_K"] >= 1 for c in gemv)
+    assert {(c["FAST"], c["PREFETCH"]) for c in gemv} == {(True, True), (True, False), (False, False)}
+    assert not any(c["FAST"] for c in sweep.gemv_grid(16))  # FAST is the one-row path only
+    gemm = sweep.gemm_grid(16)
+    assert {c["BLOCK_M"] for c in gemm} == {16} and {c["SCALE_AFTER"] for c in gemm} == {True, False}
+    assert {c["BLOCK_M"] for c in sweep.gemm_grid(40)} == {64}
+
+
+def test_sweep_summary_picks_fastest_per_variant(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    sweep = _load("sweep_kernels")
+    path = tmp_path / "sweep.csv"
+    cfg = {"BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 8, "FAST": True, "PREFETCH": False}
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=sweep.FIELDS)
+        w.writeheader()
+        for us in (30.0, 20.0):
+            w.writerow({"k": 8, "n": 8, "m": 1, "op": "gemv", "config": repr(cfg), "us": us, "fp16_us": 40.0,
+                        "speedup": 40.0 / us, "gbps": 1.0, "rel_err": 1e-4})  # fmt: skip
+        w.writerow({"k": 8, "n": 8, "m": 1, "op": "gemv", "config": repr(cfg), "error": "CompileError"})
+    sweep.summarize(path)
+    out = capsys.readouterr().out
+    assert out.count("BEST") == 1 and ": 20.0 us" in out
+
+
+def test_profile_driver_dry_run_and_bad_point(capsys: pytest.CaptureFixture) -> None:
+    prof = _load("profile_kernels")
+    with pytest.raises(SystemExit, match="bad point"):
+        prof.main(["--points", "8192x8192"])
+    if not torch.cuda.is_available():
+        assert prof.main(["--points", "64x32:1"]) == 2  # clean exit, no traceback
+    assert prof.main(["--dry-run", "--points", "64x32:1", "64x32:5", "--warmup", "1", "--launches", "1"]) == 0
+    assert "profiled 64x32 M=5" in capsys.readouterr().out
