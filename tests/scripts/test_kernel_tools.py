@@ -60,3 +60,27 @@ def test_profile_driver_dry_run_and_bad_point(capsys: pytest.CaptureFixture) -> 
         assert prof.main(["--points", "64x32:1"]) == 2  # clean exit, no traceback
     assert prof.main(["--dry-run", "--points", "64x32:1", "64x32:5", "--warmup", "1", "--launches", "1"]) == 0
     assert "profiled 64x32 M=5" in capsys.readouterr().out
+
+
+def test_kernel_sass_offline_compile(tmp_path: Path) -> None:
+    """The GEMV compiles for sm_90 without a GPU, and its packed words are read with 128-bit loads.
+
+    Run in a subprocess: this test session has TRITON_INTERPRET=1, which replaces the kernels by
+    interpreted functions that cannot be compiled."""
+    import os
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    config = ["--config", "BLOCK_N=64", "BLOCK_K=64", "SPLIT_K=2"]
+    argv = ["gemv", *config, "--warps", "4", "--out-dir", str(tmp_path), "--top", "60"]
+    run = subprocess.run(
+        [sys.executable, str(SCRIPTS / "kernel_sass.py"), *argv], capture_output=True, text=True, env=env
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "REG:" in run.stdout and "LDG.128" in run.stdout
+    sass = _load("kernel_sass")
+    _, ops = sass.summarize(tmp_path / "gemv.cubin")
+    per_thread = 64 * 64 // (32 * 4)  # weights of one 64 x 64 tile per thread (4 warps)
+    assert ops["LDG.128"] >= 1 and ops["FFMA"] >= per_thread  # one FFMA per weight
+    with pytest.raises(SystemExit, match="NAME=VALUE"):
+        sass.parse_config(["BLOCK_N"])

@@ -1,0 +1,148 @@
+"""Compile a GEMV / GEMM launch configuration for a GPU architecture offline and summarize its SASS.
+
+No GPU is needed: Triton's NVIDIA backend compiles to a cubin with the ``ptxas`` it ships, and its
+``nvdisasm`` / ``cuobjdump`` disassemble it. This shows what a kernel change does to the instruction
+mix (integer ops, FFMA, loads and their vector width, barriers, MMA) and to register use, on a machine
+without a GPU. Arguments are specialized the way a real launch on aligned tensors is (unit strides as
+constants, everything else divisible by 16, M = 1 for the GEMV). The installed Triton may differ from a
+GPU machine's, so treat the numbers as guidance and measure on the GPU (``sweep_kernels.py``).
+
+    python scripts/kernel_sass.py gemv --config BLOCK_N=256 BLOCK_K=128 SPLIT_K=8 --warps 8 --stages 3
+    python scripts/kernel_sass.py gemm --config BLOCK_N=128 BLOCK_K=128 SPLIT_K=4 --out-dir sass_out
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import importlib
+import inspect
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+POINTERS = {
+    **{"x_ptr": "*fp16", "qweight_ptr": "*i32", "scales_ptr": "*fp16", "zeros_ptr": "*u8"},
+    "perm_ptr": "*i32",
+    **{"bias_ptr": "*fp16", "y_ptr": "*fp16", "ws_ptr": "*fp32", "lock_ptr": "*i32"},
+}
+UNIT_STRIDES = ("stride_xk", "stride_qn", "stride_sn", "stride_zn", "stride_yn")
+BASE = {
+    **{"BITS": 4, "GROUP_SIZE": 128, "FP16_MATH": True, "FP32_DOT": False, "HAS_PERM": False},
+    **{"HAS_BIAS": False, "EVEN_K": True, "EVEN_N": True},
+}
+DEFAULTS = {
+    "gemv": {"BLOCK_M": 1, "BLOCK_N": 256, "BLOCK_K": 128, "SPLIT_K": 8},
+    "gemm": {
+        "BLOCK_M": 16,
+        "BLOCK_N": 128,
+        "BLOCK_K": 128,
+        "SPLIT_K": 4,
+        "GROUP_M": 8,
+        "WEIGHT_EVICTION": "evict_first",
+    },
+}
+
+
+def _value(text: str) -> object:
+    if text in ("True", "False"):
+        return text == "True"
+    try:
+        return int(text)
+    except ValueError:
+        return text
+
+
+def parse_config(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"kernel_sass: bad --config item {item!r}; write NAME=VALUE, e.g. BLOCK_N=128")
+        out[key] = _value(value)
+    return out
+
+
+def compile_cubin(kind: str, config: dict, warps: int, stages: int, arch: int) -> object:
+    """The compiled kernel (``.asm`` holds ttgir / ptx / cubin)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    module = importlib.import_module(f"llmquant.kernels.{kind}")  # the module, not the re-exported function
+    fn = getattr(module, f"_{kind}_kernel").fn  # the jit function under @triton.heuristics
+    if not hasattr(fn, "params"):
+        raise SystemExit("kernel_sass: unset TRITON_INTERPRET (interpreted kernels cannot be compiled)")
+    constexprs = {**BASE, **DEFAULTS[kind], **config, **dict.fromkeys(UNIT_STRIDES, 1)}
+    for param in fn.params:  # meta-parameters with defaults (FAST, ONE_DOT, ...), as a launch binds them
+        if param.is_constexpr and param.default is not inspect.Parameter.empty:
+            constexprs.setdefault(param.name, param.default)
+    if constexprs["BLOCK_M"] == 1:
+        constexprs["M"] = 1  # a one-row launch specializes M == 1
+    signature, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in constexprs:
+            signature[name] = "constexpr"
+        else:
+            signature[name] = POINTERS.get(name, "i32")
+            if name != "M":
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    options = {"num_warps": warps, "num_stages": stages}
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+
+
+def _tool(name: str) -> str:
+    import triton
+
+    return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name)
+
+
+def summarize(cubin: Path) -> tuple[str, collections.Counter]:
+    """(resource usage line, opcode histogram) of a cubin."""
+    usage = subprocess.run(
+        [_tool("cuobjdump"), "--dump-resource-usage", str(cubin)], capture_output=True, text=True
+    )
+    resources = " ".join(re.findall(r"(?:REG|SHARED|LOCAL):\d+", usage.stdout))
+    sass = subprocess.run(
+        [_tool("nvdisasm"), "-c", str(cubin)], capture_output=True, text=True, check=True
+    ).stdout
+    ops = collections.Counter()
+    for match in re.finditer(
+        r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*(?:\.[A-Z0-9_]+)*)", sass
+    ):
+        op = match.group(1)
+        base = op.split(".")[0]
+        ops[base + (".128" if base.startswith("LD") and ".128" in op else "")] += 1
+    return resources, ops
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("kind", choices=["gemv", "gemm"])
+    p.add_argument(
+        "--config", nargs="*", default=[], help="NAME=VALUE meta-parameters (BLOCK_N=128 FAST=False ...)"
+    )
+    p.add_argument("--warps", type=int, default=4)
+    p.add_argument("--stages", type=int, default=2)
+    p.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90 = H100/H200)")
+    p.add_argument("--out-dir", type=Path, default=Path("sass_out"))
+    p.add_argument("--top", type=int, default=20, help="opcodes to print")
+    args = p.parse_args(argv)
+    config = parse_config(args.config)
+    kernel = compile_cubin(args.kind, config, args.warps, args.stages, args.arch)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    stem = args.out_dir / args.kind
+    for ext in ("ttgir", "ptx"):
+        stem.with_suffix(f".{ext}").write_text(kernel.asm[ext])
+    cubin = stem.with_suffix(".cubin")
+    cubin.write_bytes(kernel.asm["cubin"])
+    resources, ops = summarize(cubin)
+    print(f"{args.kind} {config} warps={args.warps} stages={args.stages} sm_{args.arch}: {resources}")
+    print("  " + "  ".join(f"{op} {n}" for op, n in ops.most_common(args.top)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
