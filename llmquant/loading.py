@@ -19,7 +19,9 @@ from accelerate.utils import set_module_tensor_to_device
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
+from .arch import UnsupportedArchitectureError, get_arch
 from .formats import detect_format
+from .fuse import fuse_quant_linears
 from .io import load_tensors, read_checkpoint_index, read_config
 from .nn import QuantLinear, set_module
 
@@ -45,8 +47,14 @@ def from_pretrained(
     dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
     progress: bool = True,
+    fuse: bool | None = None,
 ) -> PreTrainedModel:
-    """Load a GPTQ / AWQ / compressed-tensors checkpoint directory into QuantLinear modules."""
+    """Load a GPTQ / AWQ / compressed-tensors checkpoint directory into QuantLinear modules.
+
+    ``fuse``: one matmul launch for the linears that share an input (q/k/v, gate/up; ``llmquant.fuse``).
+    None (default) fuses on CUDA devices, where it saves kernel launches, and not elsewhere. Load with
+    ``fuse=False`` to keep one module (and state_dict entry) per checkpoint linear.
+    """
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} is not a checkpoint directory (no config.json)")
@@ -74,7 +82,20 @@ def from_pretrained(
     model.to(device)
     model.eval()
     model.llmquant_quantization_config = qcfg
+    if fuse or (fuse is None and torch.device(device).type == "cuda"):
+        _fuse(model, required=bool(fuse))
     return model
+
+
+def _fuse(model: PreTrainedModel, required: bool) -> None:
+    try:
+        arch = get_arch(model.config)
+    except UnsupportedArchitectureError:
+        if required:
+            raise
+        logger.info("not fusing linears: no ArchSpec for model_type %r", model.config.model_type)
+        return
+    logger.info("fused %d groups of linears that share an input", fuse_quant_linears(model, arch))
 
 
 def _load_plain_tensors(
