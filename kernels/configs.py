@@ -46,6 +46,8 @@ GEMV_MAX_PRODUCT = 8192
 MIN_DOT_K = 16
 # LLMQUANT_TUNE=off: skip benchmarking, take the first config that survives pruning (fast tests).
 TUNE_ENV = "LLMQUANT_TUNE"
+# LLMQUANT_TUNE_CACHE=off: do not persist autotuning results on disk (read when the kernels are imported).
+TUNE_CACHE_ENV = "LLMQUANT_TUNE_CACHE"
 
 
 def interpreting() -> bool:
@@ -53,9 +55,12 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+_OFF = ("off", "0", "false", "no")
+
+
 def tuning_enabled() -> bool:
     """False when ``LLMQUANT_TUNE=off`` (read at tuning time): pruning then keeps one config."""
-    return os.environ.get(TUNE_ENV, "on").lower() not in ("off", "0", "false", "no")
+    return os.environ.get(TUNE_ENV, "on").lower() not in _OFF
 
 
 def bench_config(fn: Any, quantiles: Any = None) -> Any:
@@ -65,11 +70,18 @@ def bench_config(fn: Any, quantiles: Any = None) -> Any:
     return do_bench(fn, warmup=5, rep=25, quantiles=quantiles)
 
 
-def autotune_timer() -> dict[str, Any]:
-    """``triton.autotune`` keyword for ``bench_config`` where the installed Triton takes one."""
+def autotune_options() -> dict[str, Any]:
+    """``triton.autotune`` keywords, where the installed Triton takes them: the ``bench_config`` timer, and
+    ``cache_results`` so tuned configs persist on disk per GPU architecture and kernel source (Triton's
+    cache directory, ``$TRITON_CACHE_DIR``): a new process reuses them instead of re-tuning. Set
+    ``LLMQUANT_TUNE_CACHE=off`` before importing the kernels to tune afresh every process."""
     import inspect
 
-    return {"do_bench": bench_config} if "do_bench" in inspect.signature(triton.autotune).parameters else {}
+    params = inspect.signature(triton.autotune).parameters
+    options: dict[str, Any] = {"do_bench": bench_config} if "do_bench" in params else {}
+    if "cache_results" in params and os.environ.get(TUNE_CACHE_ENV, "on").lower() not in _OFF:
+        options["cache_results"] = True
+    return options
 
 
 def m_bucket(m: int) -> int:

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import autotune_timer, dequant_configs, prune_dequant
+from .configs import autotune_options, dequant_configs, prune_dequant
 from .layout import dequantize_ref as _dequantize_ref
 
 SUPPORTED_BITS = (2, 4, 8)
@@ -296,7 +296,7 @@ _dequant_kernel_tuned = triton.autotune(
     configs=dequant_configs(),
     key=["K", "N", "BITS", "GROUP_SIZE"],
     prune_configs_by={"early_config_prune": prune_dequant},
-    **autotune_timer(),
+    **autotune_options(),
 )(_dequant_kernel)
 
 _TORCH_DTYPES = (torch.float16, torch.bfloat16, torch.float32)

@@ -40,7 +40,7 @@ import triton
 import triton.language as tl
 
 from ._launch import finish, kernel_args, prepare
-from .configs import SPLIT_K_MAX_M, autotune_timer, gemm_configs, m_bucket, max_split_k, prune_gemm
+from .configs import SPLIT_K_MAX_M, autotune_options, gemm_configs, m_bucket, max_split_k, prune_gemm
 from .dequant import (
     _dequantize_tile,
     _group_params,
@@ -293,7 +293,7 @@ _gemm_kernel_tuned = triton.autotune(
     configs=gemm_configs(),
     key=["N", "K", "m_bucket", "BITS", "GROUP_SIZE"],
     prune_configs_by={"early_config_prune": prune_gemm},
-    **autotune_timer(),
+    **autotune_options(),
 )(_gemm_kernel)
 
 

@@ -42,7 +42,7 @@ import triton
 import triton.language as tl
 
 from ._launch import finish, kernel_args, prepare
-from .configs import autotune_timer, gemv_configs, max_split_k, prune_gemv
+from .configs import autotune_options, gemv_configs, max_split_k, prune_gemv
 from .dequant import (
     _group_params,
     _load_words,
@@ -320,7 +320,7 @@ _gemv_kernel_tuned = triton.autotune(
     configs=gemv_configs(),
     key=["N", "K", "BLOCK_M", "BITS", "GROUP_SIZE"],
     prune_configs_by={"early_config_prune": prune_gemv},
-    **autotune_timer(),
+    **autotune_options(),
 )(_gemv_kernel)
 
 

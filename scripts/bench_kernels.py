@@ -432,6 +432,9 @@ def _plot(path: Path, rows: list[Row]) -> Path | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # Tune afresh (before llmquant.kernels is imported): configs persisted by other processes, e.g. tests
+    # autotuning on a shared GPU, must not decide what is timed here. --load-tuned reuses a dump on purpose.
+    os.environ.setdefault("LLMQUANT_TUNE_CACHE", "off")
     if args.dry_run:
         # Before llmquant.kernels is imported: triton.jit picks the interpreter at decoration time.
         os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -98,3 +98,15 @@ def test_dump_and_load_tuned(tmp_path) -> None:  # noqa: ANN001
     finally:
         _gemv_kernel_tuned.cache.clear()
         _gemv_kernel_tuned.cache.update(saved)
+
+
+def test_autotune_options_persist_results_unless_disabled(monkeypatch: pytest.MonkeyPatch) -> None:
+    import inspect
+
+    params = inspect.signature(triton.autotune).parameters
+    monkeypatch.delenv(configs.TUNE_CACHE_ENV, raising=False)
+    opts = configs.autotune_options()
+    assert opts.get("cache_results", False) == ("cache_results" in params)
+    assert ("do_bench" in opts) == ("do_bench" in params)
+    monkeypatch.setenv(configs.TUNE_CACHE_ENV, "off")
+    assert "cache_results" not in configs.autotune_options()
