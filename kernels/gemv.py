@@ -186,8 +186,9 @@ def _gemv_one_row_fast(
             t += x[:, None] * _mantissa_codes(words, j, BITS)  # x (1 + q / 2^B)
             xs += x
         s = scale.to(tl.float32)
-        # s * sum x (q - z) = (2^B s) * sum x (1 + q / 2^B) - ((2^B + z) s) * sum x
-        acc2 += t * (s * TWO_B) - xs[:, None] * (s * (zero.to(tl.float32) + TWO_B))
+        # s * sum x (q - z) = (2^B s) * sum x (1 + q / 2^B) - ((2^B + z) s) * sum x: two FFMAs per element
+        acc2 += t * (s * TWO_B)
+        acc2 -= xs[:, None] * (s * (zero.to(tl.float32) + TWO_B))
     return tl.sum(acc2, axis=0)[None, :]  # [1, BLOCK_N]
 
 
