@@ -137,6 +137,15 @@ def _slice_rows(k0, j, BITS: tl.constexpr, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
+def _x_cols(perm_ptr, offs_k, K, HAS_PERM: tl.constexpr):
+    """Activation columns of inputs offs_k (act-order: gathered through perm) and their mask."""
+    mask_k = offs_k < K
+    if HAS_PERM:
+        return tl.load(perm_ptr + offs_k, mask=mask_k, other=0, eviction_policy="evict_last"), mask_k
+    return offs_k, mask_k
+
+
+@triton.jit
 def _group_params(
     scales_ptr,
     zeros_ptr,

@@ -49,6 +49,7 @@ from .dequant import (
     _slice_codes,
     _slice_rows,
     _store_tile,
+    _x_cols,
 )
 from .layout import quant_matmul_ref
 
@@ -66,14 +67,7 @@ def _dequant_dot(
         scales_ptr, zeros_ptr, offs_k, offs_n, k0, K, N,
         stride_sg, stride_sn, stride_zg, stride_zn, GROUP_SIZE, BLOCK_K, EVEN_N, EVICTION,
     )  # fmt: skip
-    mask_k = offs_k < K
-    if HAS_PERM:
-        x_cols = tl.load(perm_ptr + offs_k, mask=mask_k, other=0, eviction_policy="evict_last")
-    else:
-        x_cols = offs_k
-    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + x_cols[None, :] * stride_xk
-    x_mask = mask_m[:, None] if EVEN_K else mask_m[:, None] & mask_k[None, :]
-    x = tl.load(x_ptrs, mask=x_mask, other=0.0, eviction_policy="evict_last")
+    x = _x_tile(x_ptr, perm_ptr, offs_m, offs_k, mask_m, K, stride_xm, stride_xk, HAS_PERM, EVEN_K)
     w = _dequantize_tile(codes, scale, zero, FP16_MATH).to(x.dtype)
     if FP32_DOT:  # constexpr branch; fp32 needs exact "ieee" dots (default: tf32)
         return tl.dot(x, w, acc, input_precision="ieee")
@@ -86,11 +80,7 @@ def _x_tile(
     HAS_PERM: tl.constexpr, EVEN_K: tl.constexpr,
 ):  # fmt: skip
     """x [BLOCK_M, len(offs_k)]: the activation columns of inputs offs_k (through perm for act-order)."""
-    mask_k = offs_k < K
-    if HAS_PERM:
-        x_cols = tl.load(perm_ptr + offs_k, mask=mask_k, other=0, eviction_policy="evict_last")
-    else:
-        x_cols = offs_k
+    x_cols, mask_k = _x_cols(perm_ptr, offs_k, K, HAS_PERM)
     x_ptrs = x_ptr + offs_m[:, None] * stride_xm + x_cols[None, :] * stride_xk
     x_mask = mask_m[:, None] if EVEN_K else mask_m[:, None] & mask_k[None, :]
     return tl.load(x_ptrs, mask=x_mask, other=0.0, eviction_policy="evict_last")

@@ -52,6 +52,7 @@ from .dequant import (
     _slice_codes,
     _slice_rows,
     _store_tile,
+    _x_cols,
 )
 from .layout import quant_matmul_ref
 
@@ -74,15 +75,6 @@ def _slice_weight(
         stride_sg, stride_sn, stride_zg, stride_zn, GROUP_SIZE, BLOCK_K, EVEN_N, "evict_first",
     )  # fmt: skip
     return (qf - _magic_f32(z_j)) * s_j.to(tl.float32)
-
-
-@triton.jit
-def _x_cols(perm_ptr, offs_k, K, HAS_PERM: tl.constexpr):
-    """Activation columns of inputs offs_k (act-order: gathered through perm) and their mask."""
-    mask_k = offs_k < K
-    if HAS_PERM:
-        return tl.load(perm_ptr + offs_k, mask=mask_k, other=0, eviction_policy="evict_last"), mask_k
-    return offs_k, mask_k
 
 
 @triton.jit

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from .arch import ArchSpec
-from .kernels import concat_layouts
+from .kernels import concat_layouts, quant_matmul
 from .nn import QuantLinear, set_module
 
 logger = logging.getLogger(__name__)
@@ -60,9 +60,11 @@ class FusedQuantLinear(QuantLinear):
     def part(self, x: torch.Tensor, index: int) -> torch.Tensor:
         """Output columns of part ``index`` for input x (see the module docstring)."""
         lo, hi = self.offsets[index], self.offsets[index] + self.splits[index]
-        if torch.compiler.is_compiling():
-            bias = None if self.bias is None else self.bias[lo:hi]
-            return QuantLinear.forward(_ColumnView(self, lo, hi, bias), x)
+        if torch.compiler.is_compiling():  # column views of the fused buffers, no Python-side cache
+            return quant_matmul(
+                x, self.qweight[:, lo:hi], self.scales[:, lo:hi], self.zeros[:, lo:hi], self.bits,
+                self.kernel_group_size, self.perm, None if self.bias is None else self.bias[lo:hi],
+            )  # fmt: skip
         cache = self._cache
         if cache is None or cache[0] is not x or cache[1] != x._version or index in cache[3]:
             cache = (x, x._version, self.forward(x), set())
@@ -72,16 +74,6 @@ class FusedQuantLinear(QuantLinear):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", splits={self.splits}"
-
-
-class _ColumnView:
-    """Duck-typed QuantLinear over columns [lo, hi) of a fused one (views, no copies)."""
-
-    def __init__(self, fused: FusedQuantLinear, lo: int, hi: int, bias: torch.Tensor | None) -> None:
-        views = (t[:, lo:hi] for t in (fused.qweight, fused.scales, fused.zeros))
-        self.qweight, self.scales, self.zeros = views
-        self.perm, self.bias, self.bits = fused.perm, bias, fused.bits
-        self.kernel_group_size = fused.kernel_group_size
 
 
 class QuantLinearPart(nn.Module):

@@ -23,14 +23,26 @@ import sys
 from pathlib import Path
 
 POINTERS = {
-    **{"x_ptr": "*fp16", "qweight_ptr": "*i32", "scales_ptr": "*fp16", "zeros_ptr": "*u8"},
+    "x_ptr": "*fp16",
+    "qweight_ptr": "*i32",
+    "scales_ptr": "*fp16",
+    "zeros_ptr": "*u8",
     "perm_ptr": "*i32",
-    **{"bias_ptr": "*fp16", "y_ptr": "*fp16", "ws_ptr": "*fp32", "lock_ptr": "*i32"},
+    "bias_ptr": "*fp16",
+    "y_ptr": "*fp16",
+    "ws_ptr": "*fp32",
+    "lock_ptr": "*i32",
 }
 UNIT_STRIDES = ("stride_xk", "stride_qn", "stride_sn", "stride_zn", "stride_yn")
 BASE = {
-    **{"BITS": 4, "GROUP_SIZE": 128, "FP16_MATH": True, "FP32_DOT": False, "HAS_PERM": False},
-    **{"HAS_BIAS": False, "EVEN_K": True, "EVEN_N": True},
+    "BITS": 4,
+    "GROUP_SIZE": 128,
+    "FP16_MATH": True,
+    "FP32_DOT": False,
+    "HAS_PERM": False,
+    "HAS_BIAS": False,
+    "EVEN_K": True,
+    "EVEN_N": True,
 }
 DEFAULTS = {
     "gemv": {"BLOCK_M": 1, "BLOCK_N": 256, "BLOCK_K": 128, "SPLIT_K": 8},
