@@ -163,6 +163,12 @@ def gemm_configs() -> list[triton.Config]:
     return configs
 
 
+def check_config(config: triton.Config | None) -> None:
+    """An explicit launch config must tile K in multiples of the layout's 32-input blocks."""
+    if config is not None and config.kwargs.get("BLOCK_K", 32) % 32:
+        raise ValueError(f"BLOCK_K must be a multiple of 32 (the layout's input blocks), got {config.kwargs}")
+
+
 def max_split_k(configs: list[triton.Config]) -> int:
     """The largest SPLIT_K in a config list (the split-K workspace is sized for it)."""
     return max(c.kwargs.get("SPLIT_K", 1) for c in configs)

@@ -1,15 +1,17 @@
 """Dequantize a kernel-layout weight to a dense W^T [K, N]; also the tile helpers the matmuls share.
 
-Layout (``layout.py``): ``qweight`` int32 [ceil(K*bits/32), N] packed along K, PACK = 32 // bits codes
-per word, code k at bits [bits*(k % PACK), ...) of word k // PACK; ``scales`` fp16 [G, N]; ``zeros``
-uint8 [G, N] (true zero points); group of k = k // group_size, the last group may be short.
+Layout (``layout.py``, blocked): ``qweight`` int32 [bits * ceil(K / 32), N] packed along K, PACK =
+32 // bits codes per word; word row bits * B + w, field j holds input 32B + bits*j + w; ``scales`` fp16
+[G, N]; ``zeros`` uint8 [G, N] (true zero points); group of k = k // group_size, the last group may be
+short. Tiles start at multiples of BLOCK_K (a multiple of 32), so a tile's word rows hold exactly its
+inputs k0 .. k0 + BLOCK_K.
 
 Decomposition of ``_dequant_kernel``: grid (cdiv(K, BLOCK_K), cdiv(N, BLOCK_N)); each program loads the
 [BLOCK_K / PACK, BLOCK_N] packed words of its tile once (``_load_words``: one load per word, not one per
-code), then for each of the PACK slices j shifts out the codes of rows k0 + w * PACK + j, dequantizes
-them with ``_dequantize_tile`` and stores those rows (each row contiguous along N). The matmul kernels
-walk the same word tiles slice by slice (``_slice_codes`` / ``_slice_rows``), loading the matching
-activation columns per slice, so nothing is ever reshaped.
+code), then for each of the PACK slices j shifts out the codes of bit field j (inputs ``_slice_rows``),
+dequantizes them with ``_dequantize_tile`` and stores those rows (each row contiguous along N). The matmul
+kernels walk the same word tiles slice by slice (``_slice_codes`` / ``_slice_rows``), loading the matching
+activation columns per slice (runs of ``bits`` contiguous inputs), so nothing is ever reshaped.
 
 Exactness: ``_dequantize_tile`` computes float32(scale) * (q - zero) exactly (an fp16 scale has 11
 significant bits, |q - zero| < 256) and rounds once to the output dtype, so the result is bitwise equal
@@ -29,8 +31,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import autotune_options, dequant_configs, prune_dequant
+from .configs import autotune_options, check_config, dequant_configs, prune_dequant
 from .layout import dequantize_ref as _dequantize_ref
+from .layout import kernel_rows
 
 SUPPORTED_BITS = (2, 4, 8)
 
@@ -79,7 +82,7 @@ def _load_words(
     """The packed words [BLOCK_K // PACK, BLOCK_N] holding codes k0 .. k0 + BLOCK_K of columns offs_n.
 
     Each word is loaded once (no per-code duplicate loads). k0 is a multiple of BLOCK_K, itself a
-    multiple of PACK = 32 // BITS, so word row w of the tile holds codes k0 + w * PACK + j, j < PACK.
+    multiple of 32, so the tile's word rows hold exactly inputs k0 .. k0 + BLOCK_K (``_slice_rows``).
     Rows past the packed tensor (ragged K, only when not EVEN_K) load as 0 (code 0, finite values).
     """
     PACK: tl.constexpr = 32 // BITS
@@ -87,7 +90,7 @@ def _load_words(
     ptrs = qweight_ptr + offs_w[:, None] * stride_qk + offs_n[None, :] * stride_qn
     if EVEN_K and EVEN_N:
         return tl.load(ptrs, eviction_policy=EVICTION)
-    mask = (offs_w < tl.cdiv(K, PACK))[:, None] & (offs_n < N)[None, :]
+    mask = (offs_w < tl.cdiv(K, 32) * BITS)[:, None] & (offs_n < N)[None, :]
     return tl.load(ptrs, mask=mask, other=0, eviction_policy=EVICTION)
 
 
@@ -102,7 +105,7 @@ def _load_words_until(
     PACK: tl.constexpr = 32 // BITS
     offs_w = k0 // PACK + tl.arange(0, BLOCK_K // PACK)
     ptrs = qweight_ptr + offs_w[:, None] * stride_qk + offs_n[None, :] * stride_qn
-    mask = (offs_w < tl.cdiv(k_limit, PACK))[:, None]
+    mask = (offs_w < tl.cdiv(k_limit, 32) * BITS)[:, None]
     if not EVEN_N:
         mask = mask & (offs_n < N)[None, :]
     return tl.load(ptrs, mask=mask, other=0, eviction_policy=EVICTION)
@@ -125,15 +128,21 @@ def _mantissa_codes(words, j: tl.constexpr, BITS: tl.constexpr):
 
 @triton.jit
 def _slice_codes(words, j, BITS: tl.constexpr):
-    """Codes int32 [BLOCK_K // PACK, BLOCK_N] of inputs k0 + w * PACK + j (slice j of a word tile)."""
+    """Codes int32 [BLOCK_K // PACK, BLOCK_N] in bit field j of a word tile (inputs ``_slice_rows``)."""
     return (words >> (j * BITS)) & ((1 << BITS) - 1)
 
 
 @triton.jit
 def _slice_rows(k0, j, BITS: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Input indices k0 + w * PACK + j, w < BLOCK_K // PACK, of slice j of the tile at k0."""
-    PACK: tl.constexpr = 32 // BITS
-    return k0 + tl.arange(0, BLOCK_K // PACK) * PACK + j
+    """Input indices of slice j (bit field j) of the tile at k0, one per word row r < BLOCK_K // PACK:
+    k0 + 32 * (r // BITS) + BITS * j + r % BITS (the blocked layout: runs of BITS contiguous inputs)."""
+    return _tile_inputs(k0, tl.arange(0, BLOCK_K // (32 // BITS)), j, BITS)
+
+
+@triton.jit
+def _tile_inputs(k0, r, j, BITS: tl.constexpr):
+    """Input index of word row r (of the tile at k0, a multiple of 32), bit field j (blocked layout)."""
+    return k0 + (r // BITS) * 32 + j * BITS + r % BITS
 
 
 @triton.jit
@@ -327,9 +336,9 @@ def check_layout(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tenso
     if bits not in SUPPORTED_BITS:
         raise ValueError(f"Triton kernels support bits in {SUPPORTED_BITS}, got {bits}; use the reference")
     n = qweight.shape[1]
-    if qweight.dtype != torch.int32 or qweight.shape[0] != triton.cdiv(k * bits, 32):
+    if qweight.dtype != torch.int32 or qweight.shape[0] != kernel_rows(k, bits):
         raise ValueError(
-            f"qweight must be int32 [{triton.cdiv(k * bits, 32)}, N] for K={k}, bits={bits}; "
+            f"qweight must be int32 [{kernel_rows(k, bits)}, N] for K={k}, bits={bits}; "
             f"got {qweight.dtype} {tuple(qweight.shape)}"
         )
     if scales.dtype != torch.float16 or zeros.dtype != torch.uint8:
@@ -363,6 +372,7 @@ def dequant(
     ``config`` pins the launch configuration (BLOCK_K, BLOCK_N); default: autotuned on GPU, the
     interpreter config under TRITON_INTERPRET=1.
     """
+    check_config(config)
     k, n = in_features, qweight.shape[1]
     check_layout(qweight, scales, zeros, bits, k)
     check_interpretable(qweight)

@@ -115,7 +115,7 @@ def quant_matmul(
 ) -> torch.Tensor:
     """y [..., N] = x[..., perm] @ W^T (+ bias) for W in the kernel layout (``layout.py``).
 
-    x [..., K] fp16/bf16/fp32; qweight int32 [ceil(K*bits/32), N]; scales fp16 [G, N]; zeros uint8
+    x [..., K] fp16/bf16/fp32; qweight int32 [layout.kernel_rows(K, bits), N]; scales fp16 [G, N]; zeros uint8
     [G, N]; group_size None or K = per-channel; perm int32 [K] (act-order) or None; bias [N] or None.
     Returns x's dtype, accumulated in fp32. ``backend``: "auto" (Triton on CUDA, reference elsewhere),
     "triton" (force the kernels, e.g. on CPU under TRITON_INTERPRET=1) or "reference".

@@ -12,10 +12,14 @@ Decomposition of ``_gemm_kernel``: grid (cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N), SP
   once (``dequant._load_words``, [BLOCK_K / PACK, BLOCK_N]: one load per word) and then, by the config's
   ``ONE_DOT`` flag, either
   - shifts all PACK code slices out at once into a [PACK, BLOCK_K / PACK, BLOCK_N] tensor, reshapes it
-    to one [BLOCK_K, BLOCK_N] operand in slice-major order (row r = input k0 + (r % (BLOCK_K/PACK)) *
-    PACK + r // (BLOCK_K/PACK)), gathers x's columns in that same order and issues one ``tl.dot``
+    to one [BLOCK_K, BLOCK_N] operand in slice-major order (row r is word row r % (BLOCK_K/PACK), bit
+    field r // (BLOCK_K/PACK): ``dequant._tile_inputs``), gathers x's columns in that same order and
+    issues one ``tl.dot``
     (a dot's K order is free as long as both operands agree), or
-  - issues one dot per slice j (inputs k0 + w * PACK + j, K extent BLOCK_K / PACK >= 16, pruned).
+  - issues one dot per slice j (bit field j of every word row; K extent BLOCK_K / PACK >= 16, pruned).
+    In the blocked layout a slice's inputs come in runs of ``bits`` contiguous ones, so its activation
+    columns are loaded with asynchronous copies that Triton pipelines like a plain matmul's A tiles (the
+    GPTQ order, inputs PACK apart, needed a gather and a shared-memory round trip per slice).
   The autotuner picks whichever is faster. With ``SCALE_AFTER`` (default) and BLOCK_K dividing the group,
   the dots take the exact integers q - z (``_q_minus_z``) and the group's scale row multiplies the fp32 tile
   sum once (``_dot_scaled_tile``); otherwise dequantization uses the magic-number int->float trick, fp16
@@ -40,7 +44,15 @@ import triton
 import triton.language as tl
 
 from ._launch import finish, kernel_args, prepare
-from .configs import SPLIT_K_MAX_M, autotune_options, gemm_configs, m_bucket, max_split_k, prune_gemm
+from .configs import (
+    SPLIT_K_MAX_M,
+    autotune_options,
+    check_config,
+    gemm_configs,
+    m_bucket,
+    max_split_k,
+    prune_gemm,
+)
 from .dequant import (
     _dequantize_tile,
     _group_params,
@@ -49,6 +61,7 @@ from .dequant import (
     _slice_codes,
     _slice_rows,
     _store_tile,
+    _tile_inputs,
     _x_cols,
 )
 from .layout import quant_matmul_ref
@@ -116,7 +129,7 @@ def _dot_scaled_tile(
     )  # fmt: skip
     if ONE_DOT:  # slice-major rows, as in _gemm_kernel
         offs_r = tl.arange(0, BLOCK_K)
-        offs_k = k0 + (offs_r % (BLOCK_K // PACK)) * PACK + offs_r // (BLOCK_K // PACK)
+        offs_k = _tile_inputs(k0, offs_r % (BLOCK_K // PACK), offs_r // (BLOCK_K // PACK), BITS)
         shifts = tl.arange(0, PACK) * BITS
         codes = (words[None, :, :] >> shifts[:, None, None]) & ((1 << BITS) - 1)
         codes = tl.reshape(codes, (BLOCK_K, words.shape[1]))
@@ -232,7 +245,7 @@ def _gemm_kernel(
             # the tile's codes as one [BLOCK_K, BLOCK_N] operand in slice-major order: row r holds input
             # k0 + (r % (BLOCK_K / PACK)) * PACK + r // (BLOCK_K / PACK); x is gathered in that order
             offs_r = tl.arange(0, BLOCK_K)
-            offs_k = k0 + (offs_r % (BLOCK_K // PACK)) * PACK + offs_r // (BLOCK_K // PACK)
+            offs_k = _tile_inputs(k0, offs_r % (BLOCK_K // PACK), offs_r // (BLOCK_K // PACK), BITS)
             shifts = tl.arange(0, PACK) * BITS
             codes = (words[None, :, :] >> shifts[:, None, None]) & ((1 << BITS) - 1)
             codes = tl.reshape(codes, (BLOCK_K, BLOCK_N))
@@ -242,7 +255,7 @@ def _gemm_kernel(
                 GROUP_SIZE, BLOCK_K, FP16_MATH, FP32_DOT, HAS_PERM, EVEN_K, EVEN_N, WEIGHT_EVICTION,
             )  # fmt: skip
         else:
-            for j in tl.static_range(PACK):  # one dot per slice: inputs k0 + w * PACK + j
+            for j in tl.static_range(PACK):  # one dot per slice j: bit field j of every word row
                 acc = _dequant_dot(
                     acc, _slice_codes(words, j, BITS), x_ptr, perm_ptr, scales_ptr, zeros_ptr, offs_m,
                     _slice_rows(k0, j, BITS, BLOCK_K), offs_n, mask_m, k0, K, N,
@@ -305,6 +318,7 @@ def gemm(
     autotuned on GPU per (N, K, M-bucket) (warm it up before CUDA-graph capture), the interpreter
     config under TRITON_INTERPRET=1. An explicit SPLIT_K > 1 is honoured for any M.
     """
+    check_config(config)
     rows = x.numel() // max(x.shape[-1], 1)
     if config is not None:
         max_split = config.kwargs["SPLIT_K"]

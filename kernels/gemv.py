@@ -10,7 +10,8 @@ K range s*K_SPLIT .. (s+1)*K_SPLIT, K_SPLIT a multiple of BLOCK_K. Per BLOCK_K s
 
 1. streams the [BLOCK_K / PACK, BLOCK_N] packed words of the tile (``evict_first``: read exactly once;
    one load per word) and, when BLOCK_K divides group_size, the group's one row of scales/zeros,
-2. for each of the PACK slices j (inputs k0 + w * PACK + j): shifts out the codes, converts them with
+2. for each of the PACK slices j (bit field j of every word row, ``dequant._slice_rows``): shifts out
+   the codes, converts them with
    the fp32 magic number (bits(0x4B000000 | q) = 2^23 + q, minus 2^23 + z: exactly q - z, two integer
    ops and one FADD per weight, no I2F), loads the matching [BLOCK_M, BLOCK_K / PACK] activation
    columns (``evict_last``: every program re-reads x; act-order gathers them through ``perm``, so x is
@@ -42,7 +43,7 @@ import triton
 import triton.language as tl
 
 from ._launch import finish, kernel_args, prepare
-from .configs import autotune_options, gemv_configs, max_split_k, prune_gemv
+from .configs import autotune_options, check_config, gemv_configs, max_split_k, prune_gemv
 from .dequant import (
     _group_params,
     _load_words,
@@ -334,6 +335,7 @@ def gemv(
     ``config`` pins (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages); default: autotuned on GPU
     (warm it up before CUDA-graph capture), the interpreter config under TRITON_INTERPRET=1.
     """
+    check_config(config)
     rows = x.numel() // max(x.shape[-1], 1)
     if rows > GEMV_MAX_BLOCK_M:
         raise ValueError(f"gemv handles at most {GEMV_MAX_BLOCK_M} rows, got {rows}; use gemm")

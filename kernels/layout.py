@@ -1,12 +1,20 @@
-"""The kernel-side weight layout ("llmquant kernel layout v1") and its conversion from QuantizedWeight.
+"""The kernel-side weight layout ("llmquant kernel layout v2") and its conversion from QuantizedWeight.
 
 Byte for byte, for a linear with N outputs, K inputs, ``bits`` in {2, 3, 4, 8}, G = ceil(K / gs):
 
-- ``qweight`` int32 [ceil(K * bits / 32), N]: for each output column n, the codes q[0..K) form a dense
-  little-endian bitstream down the column (code k at stream bits [bits*k, bits*k + bits), word r holds
-  stream bits [32r, 32r + 32), LSB first). For 2/4/8 bits: ``qweight[k // PF, n] >> (bits * (k % PF))``
-  with PF = 32 // bits. Identical to the GPTQ ``qweight`` tensor, so GPTQ checkpoints need no repack.
-  Tail bits past K are zero.
+- ``qweight`` int32 [kernel_rows(K, bits), N], codes packed down each output column n.
+  - bits in {2, 4, 8} (the kernels' widths), "blocked": inputs go in blocks of 32 (block B holds inputs
+    32B .. 32B + 31), each block in ``bits`` consecutive words, so kernel_rows = bits * ceil(K / 32).
+    Word row ``bits * B + w`` (w < bits) holds, in bit field j (bits [bits*j, bits*j + bits), LSB
+    first, j < PF = 32 // bits), the code of input ``32B + bits*j + w``. Decoding one code:
+    ``qweight[bits * (k // 32) + (k % 32) % bits, n] >> (bits * ((k % 32) // bits)) & (2^bits - 1)``.
+    So a word's PF fields hold inputs ``bits`` apart, and field j of ``bits`` consecutive words holds
+    ``bits`` consecutive inputs: the GEMM's per-field slice of a word tile then multiplies runs of
+    ``bits`` contiguous activations, which Triton stages with asynchronous copies instead of a gather
+    and a shared-memory round trip per slice. Fields of inputs >= K are 0.
+  - bits = 3 (reference path only): a dense little-endian bitstream down the column (code k at stream
+    bits [3k, 3k + 3), word r holds stream bits [32r, 32r + 32)), kernel_rows = ceil(3K / 32).
+  GPTQ/AWQ checkpoints are repacked into this once at load, on the device (``pack_codes``).
 - ``scales`` float16 [G, N], ``zeros`` uint8 [G, N] (true zero points, not GPTQ-v1's zero - 1).
 - the group of (permuted) input k is ``k // gs`` (gs = K for per-channel); the last group may be short.
 - ``perm`` int32 [K] or absent: act-order checkpoints are reordered once at load so that groups are
@@ -24,6 +32,38 @@ import torch
 from llmquant.bitpack import pack, unpack
 from llmquant.qtensor import QuantizedWeight, trivial_g_idx
 
+BLOCK_INPUTS = 32  # inputs per block of the blocked layout (bits in BLOCKED_BITS)
+BLOCKED_BITS = (2, 4, 8)
+
+
+def kernel_rows(in_features: int, bits: int) -> int:
+    """Rows of ``qweight`` for K = in_features: bits * ceil(K / 32), or ceil(3K / 32) for 3 bits."""
+    if bits in BLOCKED_BITS:
+        return bits * -(-in_features // BLOCK_INPUTS)
+    return -(-in_features * bits // 32)
+
+
+def pack_codes(codes_kn: torch.Tensor, bits: int) -> torch.Tensor:
+    """codes [K, N] (uint8, input-major) -> qweight int32 [kernel_rows(K, bits), N] (module docstring)."""
+    if bits not in BLOCKED_BITS:
+        return pack(codes_kn, bits, dim=0)
+    k, n = codes_kn.shape
+    blocks = -(-k // BLOCK_INPUTS)
+    padded = torch.nn.functional.pad(codes_kn, (0, 0, 0, blocks * BLOCK_INPUTS - k))
+    # input 32B + bits*j + w sits at [B, j, w]; words are (B, w) and hold fields j = 0..PF-1 in order
+    fields = padded.reshape(blocks, BLOCK_INPUTS // bits, bits, n).transpose(1, 2)  # [B, w, j, N]
+    return pack(fields.reshape(-1, n), bits, dim=0)
+
+
+def unpack_codes(qweight: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
+    """Inverse of ``pack_codes``: qweight int32 [kernel_rows(K, bits), N] -> codes uint8 [K, N]."""
+    if bits not in BLOCKED_BITS:
+        return unpack(qweight, bits, in_features, dim=0)
+    n, blocks = qweight.shape[1], qweight.shape[0] // bits
+    fields = unpack(qweight, bits, blocks * BLOCK_INPUTS, dim=0)  # [(B, w, j), N]
+    codes = fields.reshape(blocks, bits, BLOCK_INPUTS // bits, n).transpose(1, 2)  # [B, j, w, N]
+    return codes.reshape(-1, n)[:in_features]
+
 
 def to_kernel_layout(qw: QuantizedWeight) -> dict[str, torch.Tensor | None]:
     """QuantizedWeight -> {"qweight", "scales", "zeros", "perm"} in the layout above (on qw's device)."""
@@ -40,7 +80,7 @@ def to_kernel_layout(qw: QuantizedWeight) -> dict[str, torch.Tensor | None]:
         codes = codes[:, perm]  # [N, K] columns in group order
         perm = perm.to(torch.int32)
     return {
-        "qweight": pack(codes.t(), qw.bits, dim=0),  # codes [N, K] -> [K, N] -> [ceil(K*b/32), N]
+        "qweight": pack_codes(codes.t(), qw.bits),  # codes [N, K] -> [K, N] -> [kernel_rows, N]
         "scales": qw.scales.t().contiguous(),  # [N, G] -> [G, N]
         "zeros": qw.zeros.t().contiguous(),  # [N, G] -> [G, N]
         "perm": perm,
@@ -57,7 +97,7 @@ def dequantize_ref(
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """W^T [K, N] (in permuted input order) from the kernel layout; float32 math, one rounding."""
-    q = unpack(qweight, bits, in_features, dim=0)  # [ceil(K*b/32), N] -> [K, N]
+    q = unpack_codes(qweight, bits, in_features)  # [kernel_rows, N] -> [K, N]
     g = torch.arange(in_features, device=q.device) // group_size
     return (scales.float()[g] * (q.float() - zeros.float()[g])).to(dtype)
 

@@ -1,6 +1,6 @@
 """QuantLinear: a drop-in nn.Linear replacement holding packed low-bit weights in the kernel layout.
 
-Buffers follow ``llmquant.kernels.layout`` (qweight int32 [ceil(K*bits/32), N], scales fp16 [G, N],
+Buffers follow ``llmquant.kernels.layout`` (qweight int32 [kernel_rows(K, bits), N], scales fp16 [G, N],
 zeros uint8 [G, N], optional perm int32 [K]). ``forward`` calls ``llmquant.kernels.quant_matmul``,
 which runs the Triton kernels on CUDA and the plain-PyTorch reference (dequantize, then an fp32
 matmul) elsewhere.
@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .bitpack import unpack
 from .kernels import quant_matmul, to_kernel_layout
+from .kernels.layout import kernel_rows, unpack_codes
 from .qtensor import QuantizedWeight
 
 
@@ -36,7 +36,7 @@ class QuantLinear(nn.Module):
         self.bits, self.group_size = bits, group_size
         gs = in_features if group_size is None else group_size
         n_groups = -(-in_features // gs)
-        words = -(-in_features * bits // 32)
+        words = kernel_rows(in_features, bits)
         self.register_buffer("qweight", torch.zeros(words, out_features, dtype=torch.int32, device=device))
         self.register_buffer(
             "scales", torch.zeros(n_groups, out_features, dtype=torch.float16, device=device)
@@ -76,7 +76,7 @@ class QuantLinear(nn.Module):
 
     def to_quantized(self) -> QuantizedWeight:
         """Inverse of ``from_quantized``: codes back in the original input order, with g_idx."""
-        codes_t = unpack(self.qweight, self.bits, self.in_features, dim=0)  # [K, N] (permuted order)
+        codes_t = unpack_codes(self.qweight, self.bits, self.in_features)  # [K, N] (permuted order)
         g_sorted = torch.arange(self.in_features, device=codes_t.device) // self.kernel_group_size
         g_idx = None
         if self.perm is not None:

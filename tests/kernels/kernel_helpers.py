@@ -60,14 +60,13 @@ def assert_matmul_accuracy(
     which a plain ``assert_close(y, ref)`` would wrongly count against them.
     """
     from llmquant.kernels import quant_matmul_ref
-
-    from llmquant.bitpack import unpack
+    from llmquant.kernels.layout import unpack_codes
 
     k = x.shape[-1]
     gs = group_size or k
     ref = quant_matmul_ref(x, lay["qweight"], lay["scales"], lay["zeros"], bits, gs, lay["perm"], bias)
     assert y.shape == ref.shape and y.dtype == ref.dtype
-    q = unpack(lay["qweight"], bits, k, dim=0).double()  # [K, N]
+    q = unpack_codes(lay["qweight"], bits, k).double()  # [K, N]
     g = torch.arange(k, device=q.device) // gs
     w = lay["scales"].double()[g] * (q - lay["zeros"].double()[g])
     xp = x if lay["perm"] is None else x[..., lay["perm"].long()]

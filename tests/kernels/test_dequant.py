@@ -29,12 +29,12 @@ def test_dequant_bitwise(bits: int, sym: bool, n: int, k: int, group_size: int |
 @pytest.mark.parametrize(
     "config",
     [
-        triton.Config({"BLOCK_K": 16, "BLOCK_N": 16}),  # several tiles per group, ragged N tiles
+        triton.Config({"BLOCK_K": 32, "BLOCK_N": 16}),  # several tiles per group, ragged N tiles
         triton.Config({"BLOCK_K": 128, "BLOCK_N": 64}),  # one tile spans several groups
     ],
 )
 def test_dequant_configs(config: triton.Config) -> None:
-    n, k, gs, bits = 40, 160, 32, 4
+    n, k, gs, bits = 40, 160, 64, 4
     lay = make_layout(n, k, bits, gs, sym=False)
     args = (lay["qweight"], lay["scales"], lay["zeros"], bits, gs, k)
     out = dequant(*args, dtype=torch.float16, config=config)
@@ -44,10 +44,10 @@ def test_dequant_configs(config: triton.Config) -> None:
 def test_dequant_extreme_codes() -> None:
     """Codes 0 and 2^b-1 with zeros 0 and 255 (8-bit) and tiny/huge fp16 scales stay exact."""
     k, n, bits = 64, 16, 8
-    codes = torch.tensor([0, 255], dtype=torch.int64).repeat(k * n // 2).reshape(k, n)
-    from llmquant.bitpack import pack
+    codes = torch.tensor([0, 255], dtype=torch.uint8).repeat(k * n // 2).reshape(k, n)
+    from llmquant.kernels.layout import pack_codes
 
-    qweight = pack(codes, bits, dim=0)
+    qweight = pack_codes(codes, bits)
     scales = torch.tensor([2.0**-20, 1000.0], dtype=torch.float16).repeat(n // 2)[None, :]
     zeros = torch.tensor([0, 255], dtype=torch.uint8).repeat(n // 2)[None, :]
     for dtype in (torch.float16, torch.float32):

@@ -1,11 +1,18 @@
-"""Kernel layout v1: to_kernel_layout + dequantize_ref / quant_matmul_ref against QuantizedWeight, and
-the GPTQ qweight bit convention checked with explicit shifts."""
+"""Kernel layout v2: to_kernel_layout + dequantize_ref / quant_matmul_ref against QuantizedWeight, and
+the blocked qweight convention checked code by code with the documented formula."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from llmquant.kernels.layout import dequantize_ref, quant_matmul_ref, to_kernel_layout
+from llmquant.kernels.layout import (
+    dequantize_ref,
+    kernel_rows,
+    pack_codes,
+    quant_matmul_ref,
+    to_kernel_layout,
+    unpack_codes,
+)
 
 from llmquant.qtensor import QuantizedWeight, trivial_g_idx
 
@@ -44,7 +51,8 @@ def test_dequantize_ref_reproduces_qw_transposed(bits, n, k, gs):
     lay = to_kernel_layout(qw)
     assert lay["perm"] is None
     assert lay["qweight"].dtype == torch.int32
-    assert lay["qweight"].shape == (-(-k * bits // 32), n)
+    rows = -(-k * 3 // 32) if bits == 3 else bits * -(-k // 32)
+    assert lay["qweight"].shape == (rows, n) and kernel_rows(k, bits) == rows
     assert torch.equal(lay["scales"], qw.scales.t()) and lay["scales"].is_contiguous()
     assert torch.equal(lay["zeros"], qw.zeros.t()) and lay["zeros"].is_contiguous()
     w_t = dequantize_ref(lay["qweight"], lay["scales"], lay["zeros"], bits, gs or k, k)
@@ -101,34 +109,34 @@ def test_uneven_g_idx_rejected():
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
-@pytest.mark.parametrize("k", [64, 100])
-def test_qweight_gptq_convention_explicit_shifts(bits, k):
-    # GPTQ: qweight[k // PF, n] >> (bits * (k % PF)) & mask == code[n, k], PF = 32 // bits, int32 words
+@pytest.mark.parametrize("k", [64, 100, 576])
+def test_qweight_blocked_convention_explicit_shifts(bits, k):
+    # code of input k: qweight[bits * (k // 32) + (k % 32) % bits, n] >> (bits * ((k % 32) // bits)) & mask
     n = 6
     qw = _make_qw(n, k, bits, 32, seed=bits + k)
     qweight = to_kernel_layout(qw)["qweight"]
-    pf, mask = 32 // bits, (1 << bits) - 1
+    mask = (1 << bits) - 1
     for kk in range(k):
+        row, field = bits * (kk // 32) + (kk % 32) % bits, (kk % 32) // bits
         for nn in range(n):
-            word = int(qweight[kk // pf, nn])  # signed Python int; & mask reads the same bits
-            assert (word >> (bits * (kk % pf))) & mask == int(qw.codes[nn, kk])
-    # the same with torch int32 arithmetic shifts, as a loader would do it
-    shifts = (torch.arange(pf, dtype=torch.int32) * bits)[None, :, None]
-    unpacked = (qweight[:, None, :] >> shifts) & mask  # [K/PF, PF, N]
-    assert torch.equal(unpacked.reshape(-1, n)[:k].t().to(torch.uint8), qw.codes)
+            word = int(qweight[row, nn])  # signed Python int; & mask reads the same bits
+            assert (word >> (bits * field)) & mask == int(qw.codes[nn, kk])
+    assert torch.equal(unpack_codes(qweight, bits, k), qw.codes.t())
+    assert torch.equal(pack_codes(qw.codes.t().contiguous(), bits), qweight)
 
 
 def test_qweight_4bit_golden_column():
-    # one column with codes 0..15 down K: words 0x76543210 and 0xFEDCBA98 (negative as int32)
+    # one column with codes 0..31 down K: word w (0..3) holds inputs w, w + 4, ..., w + 28 in fields 0..7
     qw = QuantizedWeight(
-        torch.arange(16, dtype=torch.uint8)[None, :],
+        (torch.arange(32) % 16).to(torch.uint8)[None, :],
         torch.ones(1, 1, dtype=torch.float16),
         torch.zeros(1, 1, dtype=torch.uint8),
         bits=4,
         group_size=None,
     )
     qweight = to_kernel_layout(qw)["qweight"]
-    assert qweight.tolist() == [[0x76543210], [0xFEDCBA98 - (1 << 32)]]
+    words = [0xC840C840, 0xD951D951, 0xEA62EA62, 0xFB73FB73]
+    assert qweight.tolist() == [[w - (1 << 32)] for w in words]
 
 
 def test_qweight_3bit_matches_bitstream_reference():
@@ -145,13 +153,19 @@ def test_qweight_3bit_matches_bitstream_reference():
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
-def test_qweight_tail_bits_are_zero(bits):
-    k = 100
+def test_qweight_tail_fields_are_zero(bits):
+    k = 100  # the last block holds inputs 96..99: fields of inputs 100..127 must be zero
     qw = _make_qw(3, k, bits, 32, seed=bits)
     qw = QuantizedWeight(torch.full_like(qw.codes, (1 << bits) - 1), qw.scales, qw.zeros, bits, 32)
-    last = to_kernel_layout(qw)["qweight"][-1].long() & 0xFFFFFFFF
-    used = k * bits - 32 * (-(-k * bits // 32) - 1)  # stream bits living in the last word
-    assert bool((last == (1 << used) - 1).all())
+    qweight = to_kernel_layout(qw)["qweight"]
+    assert qweight.shape[0] == bits * 4
+    codes = unpack_codes(qweight, bits, 128)  # decode past K: the padding inputs
+    assert bool((codes[:k] == (1 << bits) - 1).all()) and bool((codes[k:] == 0).all())
+    last = qweight[-bits:].long() & 0xFFFFFFFF  # words of block 3: inputs 96 + bits * j + w
+    for w in range(bits):
+        used = [j for j in range(32 // bits) if 96 + bits * j + w < k]
+        expect = sum(((1 << bits) - 1) << (bits * j) for j in used)
+        assert bool((last[w] == expect).all())
 
 
 # ---------------------------------------------------------------------------------- matmul
