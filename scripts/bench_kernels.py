@@ -151,9 +151,11 @@ class Bench:
 
     def random_layout(self, k: int, n: int, bits: int, group_size: int) -> dict:
         """Random kernel-layout weight (codes uniform, scales ~1e-2): timing does not need real data."""
+        from llmquant.kernels.layout import kernel_rows
+
         torch = self.torch
         groups = -(-k // group_size)
-        words = -(-k * bits // 32)
+        words = kernel_rows(k, bits)
         return {
             "qweight": torch.randint(-(2**31), 2**31 - 1, (words, n), dtype=torch.int32, device=self.device),
             "scales": (torch.rand(groups, n, device=self.device) * 0.02).to(torch.float16),

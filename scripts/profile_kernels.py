@@ -51,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         print("profile_kernels: no CUDA GPU found (--dry-run runs a CPU smoke test)", file=sys.stderr)
         return 2
     from llmquant.kernels import configs, quant_matmul
+    from llmquant.kernels.layout import kernel_rows
 
     if args.load_tuned is not None:
         configs.load_tuned(args.load_tuned)
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     backend = "triton" if args.dry_run else "auto"
     gs = 32 if args.dry_run else args.group_size
     for k, n, m in points:
-        words, groups = -(-k * 4 // 32), -(-k // gs)
+        words, groups = kernel_rows(k, 4), -(-k // gs)
         q = (
             torch.randint(-(2**31), 2**31 - 1, (words, n), dtype=torch.int32, device=device),
             (torch.rand(groups, n, device=device) * 0.02).to(torch.float16),
