@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
+from .configs import interpreting
 from .dequant import check_interpretable, check_layout, kernel_group_size
 
 ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -72,7 +73,10 @@ def prepare(
         "BITS": bits,
         "GROUP_SIZE": kernel_group_size(group_size, k),
         "FP16_MATH": x.dtype == torch.float16,
-        "FP32_DOT": x.dtype == torch.float32,
+        # fp32 dots: exact "ieee" for fp32 x; also bf16 x under the interpreter, whose bf16 tl.dot is wrong
+        # (Triton 3.9 numpy interpreter: O(1e10) errors) and whose fp32 -> bf16 casts truncate instead of
+        # rounding to nearest; bf16 x values are exact in fp32 (GPU launches keep bf16 tensor-core dots)
+        "FP32_DOT": x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and interpreting()),
         "HAS_PERM": perm is not None,
         "HAS_BIAS": bias is not None,
     }

@@ -81,10 +81,10 @@ def _dequant_dot(
         stride_sg, stride_sn, stride_zg, stride_zn, GROUP_SIZE, BLOCK_K, EVEN_N, EVICTION,
     )  # fmt: skip
     x = _x_tile(x_ptr, perm_ptr, offs_m, offs_k, mask_m, K, stride_xm, stride_xk, HAS_PERM, EVEN_K)
-    w = _dequantize_tile(codes, scale, zero, FP16_MATH).to(x.dtype)
-    if FP32_DOT:  # constexpr branch; fp32 needs exact "ieee" dots (default: tf32)
-        return tl.dot(x, w, acc, input_precision="ieee")
-    return tl.dot(x, w, acc)
+    w = _dequantize_tile(codes, scale, zero, FP16_MATH)  # fp16 (FP16_MATH) or fp32
+    if not FP32_DOT:  # FP32_DOT (fp32 x, or bf16 x under the interpreter) keeps W in fp32, unrounded
+        w = w.to(x.dtype)
+    return _dot(x, w, acc, FP32_DOT)  # fp32 x needs exact "ieee" dots (default: tf32)
 
 
 @triton.jit
@@ -97,6 +97,14 @@ def _x_tile(
     x_ptrs = x_ptr + offs_m[:, None] * stride_xm + x_cols[None, :] * stride_xk
     x_mask = mask_m[:, None] if EVEN_K else mask_m[:, None] & mask_k[None, :]
     return tl.load(x_ptrs, mask=x_mask, other=0.0, eviction_policy="evict_last")
+
+
+@triton.jit
+def _dot(x, w, acc, FP32_DOT: tl.constexpr):
+    """x @ w (+ acc) in fp32 accumulation; FP32_DOT: operands as fp32, exact "ieee" products."""
+    if FP32_DOT:
+        return tl.dot(x.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(x, w, acc)
 
 
 @triton.jit
@@ -122,7 +130,6 @@ def _dot_scaled_tile(
     exact integers q - z and the group's scale row multiplies the fp32 tile sum once (no per-weight
     multiply, and the sums are more exact than with a rounded W)."""
     PACK: tl.constexpr = 32 // BITS
-    DOT_PREC: tl.constexpr = "ieee" if FP32_DOT else None
     scale, zero = _group_params(
         scales_ptr, zeros_ptr, _slice_rows(k0, 0, BITS, BLOCK_K), offs_n, k0, K, N,
         stride_sg, stride_sn, stride_zg, stride_zn, GROUP_SIZE, BLOCK_K, EVEN_N, EVICTION,
@@ -135,14 +142,14 @@ def _dot_scaled_tile(
         codes = tl.reshape(codes, (BLOCK_K, words.shape[1]))
         x = _x_tile(x_ptr, perm_ptr, offs_m, offs_k, mask_m, K, stride_xm, stride_xk, HAS_PERM, EVEN_K)
         w = _q_minus_z(codes, zero, FP16_MATH, x.dtype)
-        t = tl.dot(x, w, input_precision=DOT_PREC)
+        t = _dot(x, w, None, FP32_DOT)
     else:
         t = tl.zeros((acc.shape[0], acc.shape[1]), dtype=tl.float32)
         for j in tl.static_range(PACK):
             offs_k = _slice_rows(k0, j, BITS, BLOCK_K)
             x = _x_tile(x_ptr, perm_ptr, offs_m, offs_k, mask_m, K, stride_xm, stride_xk, HAS_PERM, EVEN_K)
             w = _q_minus_z(_slice_codes(words, j, BITS), zero, FP16_MATH, x.dtype)
-            t = tl.dot(x, w, t, input_precision=DOT_PREC)
+            t = _dot(x, w, t, FP32_DOT)
     return acc + t * scale.to(tl.float32)
 
 

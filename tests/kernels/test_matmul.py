@@ -32,7 +32,7 @@ def _check(y: torch.Tensor, x: torch.Tensor, lay: dict, bits: int, gs: int | Non
     assert_matmul_accuracy(y, x, lay, bits, gs, bias)
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize(("m", "n", "k", "gs", "bits", "sym", "act_order", "has_bias"), CASES)
 def test_quant_matmul_triton(m, n, k, gs, bits, sym, act_order, has_bias, dtype, gen) -> None:  # noqa: ANN001
     lay = make_layout(n, k, bits, gs, sym, act_order=act_order)
