@@ -142,6 +142,9 @@ def gemm_configs() -> list[triton.Config]:
         (16, 128, 128, 8, 3),
         (16, 256, 128, 8, 3),
         (16, 128, 256, 4, 3),
+        # 8 warps need K = 32 slices (BLOCK_K = 256 at 4 bits) for Triton to stage x with cp.async
+        (16, 128, 256, 8, 3),
+        (16, 256, 256, 8, 3),
         (16, 64, 64, 4, 3),
         (32, 128, 128, 4, 3),
         (64, 128, 128, 4, 3),
