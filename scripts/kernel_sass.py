@@ -9,6 +9,7 @@ GPU machine's, so treat the numbers as guidance and measure on the GPU (``sweep_
 
     python scripts/kernel_sass.py gemv --config BLOCK_N=256 BLOCK_K=128 SPLIT_K=8 --warps 8 --stages 3
     python scripts/kernel_sass.py gemm --config BLOCK_N=128 BLOCK_K=128 SPLIT_K=4 --out-dir sass_out
+    python scripts/kernel_sass.py gemm --all-configs 4   # every autotune config compiles (exit 1 if not)
 """
 
 from __future__ import annotations
@@ -130,6 +131,35 @@ def summarize(cubin: Path) -> tuple[str, collections.Counter]:
     return resources, ops
 
 
+def compile_all(kind: str, bits: int, arch: int, limit: int | None = None) -> int:
+    """Compile every distinct autotune config of ``kind`` (``llmquant.kernels.configs``) at ``bits`` for
+    ``arch`` with group size 128, SPLIT_K aside (it does not change the code); prints each failure and
+    returns their count.
+    GEMM configs whose slice dots would be shorter than K = 16 are skipped (the pruning drops them)."""
+    from llmquant.kernels import configs
+
+    listed = configs.gemm_configs() if kind == "gemm" else configs.gemv_configs()
+    seen, failures, done = set(), 0, 0
+    for cfg in listed:
+        meta = {k: v for k, v in cfg.kwargs.items() if k != "SPLIT_K"}
+        key = (tuple(sorted(meta.items())), cfg.num_warps, cfg.num_stages)
+        slice_k = cfg.kwargs["BLOCK_K"] // (1 if meta.get("ONE_DOT") else 32 // bits)
+        if key in seen or (kind == "gemm" and slice_k < configs.MIN_DOT_K):
+            continue
+        seen.add(key)
+        if limit is not None and done >= limit:
+            break
+        done += 1
+        meta = {**cfg.kwargs, "BITS": bits, "GROUP_SIZE": 128}
+        try:
+            compile_cubin(kind, meta, cfg.num_warps, cfg.num_stages, arch)
+        except Exception as exc:  # noqa: BLE001 -- report every failing config, then the count
+            failures += 1
+            print(f"FAILED {kind} {meta} warps={cfg.num_warps} stages={cfg.num_stages}: {exc!r:.300}")
+    print(f"{kind} {bits}-bit sm_{arch}: {done} configs compiled, {failures} failed")
+    return failures
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("kind", choices=["gemv", "gemm"])
@@ -141,7 +171,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90 = H100/H200)")
     p.add_argument("--out-dir", type=Path, default=Path("sass_out"))
     p.add_argument("--top", type=int, default=20, help="opcodes to print")
+    p.add_argument(
+        "--all-configs", type=int, metavar="BITS", help="compile every autotune config at BITS (group 128)"
+    )
+    p.add_argument("--limit", type=int, help="with --all-configs: at most this many configs")
     args = p.parse_args(argv)
+    if args.all_configs is not None:
+        return 1 if compile_all(args.kind, args.all_configs, args.arch, args.limit) else 0
     config = parse_config(args.config)
     kernel = compile_cubin(args.kind, config, args.warps, args.stages, args.arch)
     args.out_dir.mkdir(parents=True, exist_ok=True)

@@ -28,7 +28,7 @@ def _load(name: str):  # noqa: ANN202
 def test_sweep_grids_are_valid_configs() -> None:
     sweep = _load("sweep_kernels")
     gemv = sweep.gemv_grid(1)
-    assert gemv and all(c["BLOCK_K"] % 8 == 0 and c["SPLIT_K"] >= 1 for c in gemv)
+    assert gemv and all(c["BLOCK_K"] % 32 == 0 and c["SPLIT_K"] >= 1 for c in gemv)  # layout blocks
     assert {(c["FAST"], c["PREFETCH"]) for c in gemv} == {(True, True), (True, False), (False, False)}
     assert not any(c["FAST"] for c in sweep.gemv_grid(16))  # FAST is the one-row path only
     gemm = sweep.gemm_grid(16)
@@ -89,3 +89,9 @@ def test_kernel_sass_offline_compile(tmp_path: Path) -> None:
     assert ops["LDG.128"] >= 1 and ops["FFMA"] >= per_thread  # one FFMA per weight
     with pytest.raises(SystemExit, match="NAME=VALUE"):
         sass.parse_config(["BLOCK_N"])
+    argv = ["gemm", "--all-configs", "2", "--limit", "1"]  # the first 2-bit GEMM autotune config
+    run = subprocess.run(
+        [sys.executable, str(SCRIPTS / "kernel_sass.py"), *argv], capture_output=True, text=True, env=env
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "1 configs compiled, 0 failed" in run.stdout
