@@ -108,6 +108,18 @@ def _dot(x, w, acc, FP32_DOT: tl.constexpr):
 
 
 @triton.jit
+def _slice_major_codes(words, k0, BITS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(codes [BLOCK_K, BLOCK_N], offs_k [BLOCK_K]): the tile's codes as one dot operand in slice-major
+    order (row r: word row r % (BLOCK_K / PACK), bit field r // (BLOCK_K / PACK)) and each row's input."""
+    PACK: tl.constexpr = 32 // BITS
+    offs_r = tl.arange(0, BLOCK_K)
+    offs_k = _tile_inputs(k0, offs_r % (BLOCK_K // PACK), offs_r // (BLOCK_K // PACK), BITS)
+    shifts = tl.arange(0, PACK) * BITS
+    codes = (words[None, :, :] >> shifts[:, None, None]) & ((1 << BITS) - 1)
+    return tl.reshape(codes, (BLOCK_K, words.shape[1])), offs_k
+
+
+@triton.jit
 def _q_minus_z(codes, zero, FP16_MATH: tl.constexpr, DTYPE: tl.constexpr):
     """q - z, exact, in DTYPE (|q - z| < 2^8 fits every dot dtype): half magic numbers for fp16
     (1024 + q minus 1024 + z, packed half2 math), fp32 magic numbers and one exact cast otherwise."""
@@ -134,12 +146,8 @@ def _dot_scaled_tile(
         scales_ptr, zeros_ptr, _slice_rows(k0, 0, BITS, BLOCK_K), offs_n, k0, K, N,
         stride_sg, stride_sn, stride_zg, stride_zn, GROUP_SIZE, BLOCK_K, EVEN_N, EVICTION,
     )  # fmt: skip
-    if ONE_DOT:  # slice-major rows, as in _gemm_kernel
-        offs_r = tl.arange(0, BLOCK_K)
-        offs_k = _tile_inputs(k0, offs_r % (BLOCK_K // PACK), offs_r // (BLOCK_K // PACK), BITS)
-        shifts = tl.arange(0, PACK) * BITS
-        codes = (words[None, :, :] >> shifts[:, None, None]) & ((1 << BITS) - 1)
-        codes = tl.reshape(codes, (BLOCK_K, words.shape[1]))
+    if ONE_DOT:
+        codes, offs_k = _slice_major_codes(words, k0, BITS, BLOCK_K)
         x = _x_tile(x_ptr, perm_ptr, offs_m, offs_k, mask_m, K, stride_xm, stride_xk, HAS_PERM, EVEN_K)
         w = _q_minus_z(codes, zero, FP16_MATH, x.dtype)
         t = _dot(x, w, None, FP32_DOT)
@@ -249,13 +257,7 @@ def _gemm_kernel(
             BITS, BLOCK_K, EVEN_K, EVEN_N, WEIGHT_EVICTION,
         )  # fmt: skip
         if ONE_DOT:
-            # the tile's codes as one [BLOCK_K, BLOCK_N] operand in slice-major order: row r holds input
-            # k0 + (r % (BLOCK_K / PACK)) * PACK + r // (BLOCK_K / PACK); x is gathered in that order
-            offs_r = tl.arange(0, BLOCK_K)
-            offs_k = _tile_inputs(k0, offs_r % (BLOCK_K // PACK), offs_r // (BLOCK_K // PACK), BITS)
-            shifts = tl.arange(0, PACK) * BITS
-            codes = (words[None, :, :] >> shifts[:, None, None]) & ((1 << BITS) - 1)
-            codes = tl.reshape(codes, (BLOCK_K, BLOCK_N))
+            codes, offs_k = _slice_major_codes(words, k0, BITS, BLOCK_K)  # x is gathered in that order
             acc = _dequant_dot(
                 acc, codes, x_ptr, perm_ptr, scales_ptr, zeros_ptr, offs_m, offs_k, offs_n, mask_m, k0, K, N,
                 stride_xm, stride_xk, stride_sg, stride_sn, stride_zg, stride_zn,

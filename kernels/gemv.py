@@ -10,13 +10,12 @@ K range s*K_SPLIT .. (s+1)*K_SPLIT, K_SPLIT a multiple of BLOCK_K. Per BLOCK_K s
 
 1. streams the [BLOCK_K / PACK, BLOCK_N] packed words of the tile (``evict_first``: read exactly once;
    one load per word) and, when BLOCK_K divides group_size, the group's one row of scales/zeros,
-2. for each of the PACK slices j (bit field j of every word row, ``dequant._slice_rows``): shifts out
-   the codes, converts them with
-   the fp32 magic number (bits(0x4B000000 | q) = 2^23 + q, minus 2^23 + z: exactly q - z, two integer
-   ops and one FADD per weight, no I2F), loads the matching [BLOCK_M, BLOCK_K / PACK] activation
-   columns (``evict_last``: every program re-reads x; act-order gathers them through ``perm``, so x is
-   never permuted in memory) and accumulates x * (q - z) with one FFMA per weight and row into an fp32
-   [BLOCK_M, BLOCK_K / PACK, BLOCK_N] tile,
+2. for each of the PACK slices j (bit field j of every word row, ``dequant._slice_rows``): shifts out the
+   codes, converts them with the fp32 magic number (bits(0x4B000000 | q) = 2^23 + q, minus 2^23 + z:
+   exactly q - z, two integer ops and one FADD per weight, no I2F), loads the matching [BLOCK_M, BLOCK_K /
+   PACK] activation columns (``evict_last``: every program re-reads x; act-order gathers them through
+   ``perm``, so x is never permuted in memory) and accumulates x * (q - z) with one FFMA per weight and
+   row into an fp32 [BLOCK_M, BLOCK_K / PACK, BLOCK_N] tile,
 3. reduces that tile over K and multiplies by the group's scales once per tile (scales factored out of
    the inner product). A tile that straddles groups (BLOCK_K not dividing group_size, ragged groups)
    gathers scales per row and applies them per weight instead.

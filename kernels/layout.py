@@ -29,7 +29,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from llmquant.bitpack import pack, unpack
+from llmquant.bitpack import pack, packed_length, unpack
 from llmquant.qtensor import QuantizedWeight, trivial_g_idx
 
 BLOCK_INPUTS = 32  # inputs per block of the blocked layout (bits in BLOCKED_BITS)
@@ -40,7 +40,7 @@ def kernel_rows(in_features: int, bits: int) -> int:
     """Rows of ``qweight`` for K = in_features: bits * ceil(K / 32), or ceil(3K / 32) for 3 bits."""
     if bits in BLOCKED_BITS:
         return bits * -(-in_features // BLOCK_INPUTS)
-    return -(-in_features * bits // 32)
+    return packed_length(in_features, bits)
 
 
 def pack_codes(codes_kn: torch.Tensor, bits: int) -> torch.Tensor:
