@@ -42,9 +42,36 @@ _FP16_MAGIC = tl.constexpr(0x6400)  # float16 bits of 1024
 
 
 @triton.jit
+def _runtime_bits(value: tl.constexpr, K):
+    """The int32 constant ``value`` in a form the compiler cannot fold (K is a size, >= 0, so
+    min(K, 0) == 0; loop-invariant, so computed once per program). An AND with one immediate and an OR
+    with another compiles to two LOP3s on sm_90 (a LOP3 takes one 32-bit immediate); with the OR operand
+    in a register ptxas fuses mask and OR into one LOP3 per code (``scripts/kernel_sass.py``: the FAST
+    GEMV loop 751 -> 627 instructions)."""
+    return tl.minimum(K, 0) + value
+
+
+@triton.jit
 def _magic_f32(v):
-    """float32 2^23 + v for int v in [0, 2^23) (bits 0x4B000000 | v): exact, no I2F instruction."""
+    """float32 2^23 + v for int v in [0, 2^23) (bits 0x4B000000 | v): exact, no I2F instruction. The
+    tensor-core GEMM uses this immediate form: with ``_magic_f32_reg`` its dot operands take an extra
+    shared-memory round trip (offline sm_90 SASS, fp32 path: loop BAR 6 -> 22)."""
     return (v.to(tl.int32) | _FP32_MAGIC).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _magic_f32_reg(v, K):
+    """``_magic_f32`` with the magic in a register (``_runtime_bits``; K any runtime size) so that a
+    preceding mask fuses with the OR into one LOP3: the CUDA-core GEMV's form."""
+    return (v.to(tl.int32) | _runtime_bits(_FP32_MAGIC, K)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _magic_f16(v):
+    """float16 1024 + v for int v in [0, 1024) (bits 0x6400 | v): exact, no I2F instruction. The OR
+    constant stays an immediate: ptxas packs two codes per register (PRMT) and masks/ORs the pair; a
+    register constant here breaks that (offline sm_90 SASS: GEMM loop 613 -> 790, with smem round trips)."""
+    return (v.to(tl.int32) | _FP16_MAGIC).to(tl.int16).to(tl.float16, bitcast=True)
 
 
 @triton.jit
@@ -54,8 +81,8 @@ def _dequantize_tile(codes, scale, zero, FP16_MATH: tl.constexpr):
     Returns float16 (FP16_MATH) or float32 scale * (codes - zero), exact before the final rounding.
     """
     if FP16_MATH:
-        q = (codes | _FP16_MAGIC).to(tl.int16).to(tl.float16, bitcast=True)  # 1024 + q
-        zm = (zero.to(tl.int32) | _FP16_MAGIC).to(tl.int16).to(tl.float16, bitcast=True)  # 1024 + z
+        q = _magic_f16(codes)  # 1024 + q
+        zm = _magic_f16(zero)  # 1024 + z
         w = (q - zm) * scale
     else:
         q = _magic_f32(codes)  # 2^23 + q
@@ -112,7 +139,7 @@ def _load_words_until(
 
 
 @triton.jit
-def _mantissa_codes(words, j: tl.constexpr, BITS: tl.constexpr):
+def _mantissa_codes(words, j: tl.constexpr, BITS: tl.constexpr, K):
     """float32 1 + q / 2^BITS for the codes q of slice j of a word tile, built by moving each code to the
     top of the mantissa of 1.0 (bits 0x3F800000 | q << (23 - BITS)): one shift and one LOP3 per weight,
     exact, no int->float conversion and no zero subtraction per weight (callers correct with the tile's
@@ -122,7 +149,7 @@ def _mantissa_codes(words, j: tl.constexpr, BITS: tl.constexpr):
         v = words << SHIFT
     else:
         v = words >> (-SHIFT)
-    v = (v & (((1 << BITS) - 1) << (23 - BITS))) | 0x3F800000
+    v = (v & (((1 << BITS) - 1) << (23 - BITS))) | _runtime_bits(0x3F800000, K)  # one LOP3
     return v.to(tl.float32, bitcast=True)
 
 

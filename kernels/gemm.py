@@ -57,6 +57,7 @@ from .dequant import (
     _dequantize_tile,
     _group_params,
     _load_words,
+    _magic_f16,
     _magic_f32,
     _slice_codes,
     _slice_rows,
@@ -124,9 +125,7 @@ def _q_minus_z(codes, zero, FP16_MATH: tl.constexpr, DTYPE: tl.constexpr):
     """q - z, exact, in DTYPE (|q - z| < 2^8 fits every dot dtype): half magic numbers for fp16
     (1024 + q minus 1024 + z, packed half2 math), fp32 magic numbers and one exact cast otherwise."""
     if FP16_MATH:
-        q = (codes | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)  # 1024 + q
-        zm = (zero.to(tl.int32) | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)  # 1024 + z
-        return q - zm
+        return _magic_f16(codes) - _magic_f16(zero)
     return (_magic_f32(codes) - _magic_f32(zero)).to(DTYPE)
 
 
