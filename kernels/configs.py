@@ -42,7 +42,7 @@ DEQUANT_MATMUL_MIN_M = 64  # M at or above this: dequantize once + cuBLAS
 # BLOCK_M * (BLOCK_K / PACK) * BLOCK_N fp32 partial sums of the GEMV kept per program (registers).
 GEMV_MAX_PRODUCT = 8192
 # tl.dot needs a K extent of at least 16: the GEMM dots [BLOCK_M, BLOCK_K] x [BLOCK_K, BN] (ONE_DOT) or
-# PACK slices [BLOCK_M, BLOCK_K / PACK] x [BLOCK_K / PACK, BN].
+# PACK / 2 pair slices [BLOCK_M, 2 BLOCK_K / PACK] x [2 BLOCK_K / PACK, BN].
 MIN_DOT_K = 16
 # LLMQUANT_TUNE=off: skip benchmarking, take the first config that survives pruning (fast tests).
 TUNE_ENV = "LLMQUANT_TUNE"
@@ -142,9 +142,6 @@ def gemm_configs() -> list[triton.Config]:
         (16, 128, 128, 8, 3),
         (16, 256, 128, 8, 3),
         (16, 128, 256, 4, 3),
-        # 8 warps need K = 32 slices (BLOCK_K = 256 at 4 bits) for Triton to stage x with cp.async
-        (16, 128, 256, 8, 3),
-        (16, 256, 256, 8, 3),
         (16, 64, 64, 4, 3),
         (32, 128, 128, 4, 3),
         (64, 128, 128, 4, 3),
@@ -158,7 +155,7 @@ def gemm_configs() -> list[triton.Config]:
     ):
         for sk in (1, 2, 4, 8) if bm <= 64 else (1,):
             configs.append(_cfg(w, s, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, GROUP_M=8))
-    # ONE_DOT keeps a group-aligned BLOCK_K = 128 possible for 2-bit (per-slice dots need BLOCK_K >= 256)
+    # ONE_DOT: one [BLOCK_K, BLOCK_N] operand per tile (pair-slice dots need BLOCK_K >= 128 at 2 bits)
     for bm, bn, bk, w, s in ((16, 128, 128, 4, 3), (64, 128, 128, 4, 3), (128, 128, 128, 8, 3)):
         for sk in (1, 4) if bm <= 64 else (1,):
             tile = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "GROUP_M": 8}
@@ -231,9 +228,9 @@ def prune_gemv(configs: list[triton.Config], nargs: dict[str, Any], **kwargs: An
 
 
 def _dot_k_valid(cfg: triton.Config, pack: int) -> bool:
-    """tl.dot needs K >= 16: the whole tile with ONE_DOT, each of the PACK slices otherwise."""
+    """tl.dot needs K >= 16: the whole tile with ONE_DOT, each of the PACK / 2 pair slices otherwise."""
     bk = cfg.kwargs["BLOCK_K"]
-    return bk // (1 if cfg.kwargs.get("ONE_DOT", False) else pack) >= MIN_DOT_K
+    return bk // (1 if cfg.kwargs.get("ONE_DOT", False) else pack // 2) >= MIN_DOT_K
 
 
 def prune_gemm(configs: list[triton.Config], nargs: dict[str, Any], **kwargs: Any) -> list[triton.Config]:

@@ -1,17 +1,18 @@
 """Dequantize a kernel-layout weight to a dense W^T [K, N]; also the tile helpers the matmuls share.
 
 Layout (``layout.py``, blocked): ``qweight`` int32 [bits * ceil(K / 32), N] packed along K, PACK =
-32 // bits codes per word; word row bits * B + w, field j holds input 32B + bits*j + w; ``scales`` fp16
-[G, N]; ``zeros`` uint8 [G, N] (true zero points); group of k = k // group_size, the last group may be
-short. Tiles start at multiples of BLOCK_K (a multiple of 32), so a tile's word rows hold exactly its
-inputs k0 .. k0 + BLOCK_K.
+32 // bits codes per word; word row bits * B + w, field h * PACK/2 + i holds input 32B + 2*bits*i + 2w + h;
+``scales`` fp16 [G, N]; ``zeros`` uint8 [G, N] (true zero points); group of k = k // group_size, the last
+group may be short. Tiles start at multiples of BLOCK_K (a multiple of 32), so a tile's word rows hold
+exactly its inputs k0 .. k0 + BLOCK_K.
 
 Decomposition of ``_dequant_kernel``: grid (cdiv(K, BLOCK_K), cdiv(N, BLOCK_N)); each program loads the
 [BLOCK_K / PACK, BLOCK_N] packed words of its tile once (``_load_words``: one load per word, not one per
 code), then for each of the PACK slices j shifts out the codes of bit field j (inputs ``_slice_rows``),
 dequantizes them with ``_dequantize_tile`` and stores those rows (each row contiguous along N). The matmul
 kernels walk the same word tiles slice by slice (``_slice_codes`` / ``_slice_rows``), loading the matching
-activation columns per slice (runs of ``bits`` contiguous inputs), so nothing is ever reshaped.
+activation columns per slice (inputs two apart; the GEMM pairs fields i and i + PACK/2 into runs of
+2 * bits contiguous inputs), so nothing is ever reshaped in memory.
 
 Exactness: ``_dequantize_tile`` computes float32(scale) * (q - zero) exactly (an fp16 scale has 11
 significant bits, |q - zero| < 256) and rounds once to the output dtype, so the result is bitwise equal
@@ -161,15 +162,17 @@ def _slice_codes(words, j, BITS: tl.constexpr):
 
 @triton.jit
 def _slice_rows(k0, j, BITS: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Input indices of slice j (bit field j) of the tile at k0, one per word row r < BLOCK_K // PACK:
-    k0 + 32 * (r // BITS) + BITS * j + r % BITS (the blocked layout: runs of BITS contiguous inputs)."""
+    """Input indices of slice j (bit field j) of the tile at k0, one per word row r < BLOCK_K // PACK
+    (``_tile_inputs``; inputs two apart within a block)."""
     return _tile_inputs(k0, tl.arange(0, BLOCK_K // (32 // BITS)), j, BITS)
 
 
 @triton.jit
 def _tile_inputs(k0, r, j, BITS: tl.constexpr):
-    """Input index of word row r (of the tile at k0, a multiple of 32), bit field j (blocked layout)."""
-    return k0 + (r // BITS) * 32 + j * BITS + r % BITS
+    """Input index of word row r (of the tile at k0, a multiple of 32), bit field j (blocked layout:
+    field j = h * H + i of word w holds input 32B + 2 * BITS * i + 2w + h, H = 16 // BITS)."""
+    H: tl.constexpr = 16 // BITS
+    return k0 + (r // BITS) * 32 + (j % H) * (2 * BITS) + (r % BITS) * 2 + j // H
 
 
 @triton.jit

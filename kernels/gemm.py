@@ -16,10 +16,11 @@ Decomposition of ``_gemm_kernel``: grid (cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N), SP
     field r // (BLOCK_K/PACK): ``dequant._tile_inputs``), gathers x's columns in that same order and
     issues one ``tl.dot``
     (a dot's K order is free as long as both operands agree), or
-  - issues one dot per slice j (bit field j of every word row; K extent BLOCK_K / PACK >= 16, pruned).
-    In the blocked layout a slice's inputs come in runs of ``bits`` contiguous ones, so its activation
-    columns are loaded with asynchronous copies that Triton pipelines like a plain matmul's A tiles (the
-    GPTQ order, inputs PACK apart, needed a gather and a shared-memory round trip per slice).
+  - issues one dot per pair slice i (bit fields i and i + PACK/2 of every word row, interleaved: K extent
+    2 BLOCK_K / PACK >= 16, pruned). In the layout those two fields hold inputs 2j and 2j + 1, so a
+    pair slice's activation columns are runs of 2 * bits contiguous inputs, staged with asynchronous
+    copies like a plain matmul's A tiles, and for fp16 an MMA operand pair (k, k + 1) is decoded from
+    one word with one mask (``_pair_q_minus_z_f16``) instead of being assembled from two words.
   The autotuner picks whichever is faster. With ``SCALE_AFTER`` (default) and BLOCK_K dividing the group,
   the dots take the exact integers q - z (``_q_minus_z``) and the group's scale row multiplies the fp32 tile
   sum once (``_dot_scaled_tile``); otherwise dequantization uses the magic-number int->float trick, fp16
@@ -54,12 +55,12 @@ from .configs import (
     prune_gemm,
 )
 from .dequant import (
+    _FP16_MAGIC,
     _dequantize_tile,
     _group_params,
     _load_words,
     _magic_f16,
     _magic_f32,
-    _slice_codes,
     _slice_rows,
     _store_tile,
     _tile_inputs,
@@ -121,6 +122,52 @@ def _slice_major_codes(words, k0, BITS: tl.constexpr, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
+def _interleave(lo, hi):
+    """[R, ...] lo and hi -> [2R, ...] with row 2r = lo[r], row 2r + 1 = hi[r]."""
+    if len(lo.shape) == 1:
+        return tl.reshape(tl.join(lo, hi), (2 * lo.shape[0],))
+    return tl.reshape(tl.permute(tl.join(lo, hi), (0, 2, 1)), (2 * lo.shape[0], lo.shape[1]))
+
+
+@triton.jit
+def _pair_inputs(k0, i, BITS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Inputs of pair slice i of the tile at k0 (fields i and i + PACK/2 of every word row, interleaved):
+    row 2r + h is input 32 (r // BITS) + 2 BITS i + 2 (r % BITS) + h, i.e. runs of 2 * BITS contiguous
+    inputs (``layout.py``)."""
+    offs = tl.arange(0, 2 * (BLOCK_K // (32 // BITS)))
+    return k0 + (offs // (2 * BITS)) * 32 + (2 * BITS) * i + offs % (2 * BITS)
+
+
+@triton.jit
+def _pair_codes(words, i, BITS: tl.constexpr):
+    """Codes int32 [2R, BLOCK_N] of pair slice i (rows as ``_pair_inputs``): fields i and i + PACK/2."""
+    lo = (words >> (BITS * i)) & ((1 << BITS) - 1)
+    hi = (words >> (BITS * i + 16)) & ((1 << BITS) - 1)
+    return _interleave(lo, hi)
+
+
+@triton.jit
+def _pair_q_minus_z_f16(words, zero, i, BITS: tl.constexpr):
+    """fp16 q - z [2R, BLOCK_N] of pair slice i, exact, built so that ptxas decodes a K-adjacent operand
+    pair from one word: the two codes sit at the same bits of the word's two halves, so after a byte
+    shift (none for the low byte) one mask and one OR give the fp16 pair (1024 + q_lo 2^S,
+    1024 + q_hi 2^S), S = the code's offset inside its byte (S + BITS <= 10 keeps it in the mantissa),
+    and one fused multiply-add (1024 + q 2^S) 2^-S - (2^(10-S) + z) = q - z, exact (offline sm_90 SASS,
+    4-bit: no PRMT/SHF pair assembly for the low byte)."""
+    S: tl.constexpr = (BITS * i) % 8
+    SHIFT: tl.constexpr = BITS * i - S
+    v = words >> SHIFT if SHIFT > 0 else words
+    mask: tl.constexpr = ((1 << BITS) - 1) << S
+    lo = (v & mask) | _FP16_MAGIC
+    hi = ((v >> 16) & mask) | _FP16_MAGIC
+    q = _interleave(lo, hi).to(tl.int16).to(tl.float16, bitcast=True)  # 1024 + q 2^S
+    zs = (zero.to(tl.float32) + (1 << (10 - S))).to(tl.float16)  # 2^(10-S) + z, exact
+    if S == 0:
+        return q - zs
+    return q * tl.full((1, 1), 1.0 / (1 << S), tl.float16) - zs  # one HFMA2 per pair (fp fusion)
+
+
+@triton.jit
 def _q_minus_z(codes, zero, FP16_MATH: tl.constexpr, DTYPE: tl.constexpr):
     """q - z, exact, in DTYPE (|q - z| < 2^8 fits every dot dtype): half magic numbers for fp16
     (1024 + q minus 1024 + z, packed half2 math), fp32 magic numbers and one exact cast otherwise."""
@@ -152,10 +199,13 @@ def _dot_scaled_tile(
         t = _dot(x, w, None, FP32_DOT)
     else:
         t = tl.zeros((acc.shape[0], acc.shape[1]), dtype=tl.float32)
-        for j in tl.static_range(PACK):
-            offs_k = _slice_rows(k0, j, BITS, BLOCK_K)
+        for i in tl.static_range(PACK // 2):  # pair slice i: fields i and i + PACK/2, 2 BITS-input runs
+            offs_k = _pair_inputs(k0, i, BITS, BLOCK_K)
             x = _x_tile(x_ptr, perm_ptr, offs_m, offs_k, mask_m, K, stride_xm, stride_xk, HAS_PERM, EVEN_K)
-            w = _q_minus_z(_slice_codes(words, j, BITS), zero, FP16_MATH, x.dtype)
+            if FP16_MATH:
+                w = _pair_q_minus_z_f16(words, zero, i, BITS)
+            else:
+                w = _q_minus_z(_pair_codes(words, i, BITS), zero, FP16_MATH, x.dtype)
             t = _dot(x, w, t, FP32_DOT)
     return acc + t * scale.to(tl.float32)
 
@@ -263,10 +313,10 @@ def _gemm_kernel(
                 GROUP_SIZE, BLOCK_K, FP16_MATH, FP32_DOT, HAS_PERM, EVEN_K, EVEN_N, WEIGHT_EVICTION,
             )  # fmt: skip
         else:
-            for j in tl.static_range(PACK):  # one dot per slice j: bit field j of every word row
+            for i in tl.static_range(PACK // 2):  # one dot per pair slice i: fields i and i + PACK/2
                 acc = _dequant_dot(
-                    acc, _slice_codes(words, j, BITS), x_ptr, perm_ptr, scales_ptr, zeros_ptr, offs_m,
-                    _slice_rows(k0, j, BITS, BLOCK_K), offs_n, mask_m, k0, K, N,
+                    acc, _pair_codes(words, i, BITS), x_ptr, perm_ptr, scales_ptr, zeros_ptr, offs_m,
+                    _pair_inputs(k0, i, BITS, BLOCK_K), offs_n, mask_m, k0, K, N,
                     stride_xm, stride_xk, stride_sg, stride_sn, stride_zg, stride_zn,
                     GROUP_SIZE, BLOCK_K, FP16_MATH, FP32_DOT, HAS_PERM, EVEN_K, EVEN_N, WEIGHT_EVICTION,
                 )  # fmt: skip

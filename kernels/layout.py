@@ -1,17 +1,21 @@
-"""The kernel-side weight layout ("llmquant kernel layout v2") and its conversion from QuantizedWeight.
+"""The kernel-side weight layout ("llmquant kernel layout v3") and its conversion from QuantizedWeight.
 
 Byte for byte, for a linear with N outputs, K inputs, ``bits`` in {2, 3, 4, 8}, G = ceil(K / gs):
 
 - ``qweight`` int32 [kernel_rows(K, bits), N], codes packed down each output column n.
   - bits in {2, 4, 8} (the kernels' widths), "blocked": inputs go in blocks of 32 (block B holds inputs
     32B .. 32B + 31), each block in ``bits`` consecutive words, so kernel_rows = bits * ceil(K / 32).
-    Word row ``bits * B + w`` (w < bits) holds, in bit field j (bits [bits*j, bits*j + bits), LSB
-    first, j < PF = 32 // bits), the code of input ``32B + bits*j + w``. Decoding one code:
-    ``qweight[bits * (k // 32) + (k % 32) % bits, n] >> (bits * ((k % 32) // bits)) & (2^bits - 1)``.
-    So a word's PF fields hold inputs ``bits`` apart, and field j of ``bits`` consecutive words holds
-    ``bits`` consecutive inputs: the GEMM's per-field slice of a word tile then multiplies runs of
-    ``bits`` contiguous activations, which Triton stages with asynchronous copies instead of a gather
-    and a shared-memory round trip per slice. Fields of inputs >= K are 0.
+    A word has PF = 32 // bits bit fields (field f at bits [bits*f, bits*f + bits), LSB first), H = PF / 2
+    in each 16-bit half. Word row ``bits * B + w`` (w < bits) holds in field ``f = h*H + j`` (half h in
+    {0, 1}, j < H) the code of input ``32B + 2*bits*j + 2*w + h``. Decoding the code of input k:
+    ``c = k % 32; j, w, h = c // (2*bits), (c % (2*bits)) // 2, c % 2;``
+    ``qweight[bits * (k // 32) + w, n] >> (bits * (h*H + j)) & (2^bits - 1)``.
+    So fields j and j + H of a word (the same bits of its two half-words) hold two consecutive inputs
+    2i, 2i + 1, and "pair slice" j of a block's ``bits`` words holds the 2*bits contiguous inputs
+    32B + 2*bits*j ..: the GEMM builds a tensor-core operand pair (k, k + 1) from one word with one
+    mask (the fp16 pair (1024 + q_lo, 1024 + q_hi) is ``word >> s & 0x000F000F | 0x64006400`` at 4 bits)
+    and multiplies it with runs of 2*bits contiguous activations (staged with asynchronous copies).
+    Fields of inputs >= K are 0.
   - bits = 3 (reference path only): a dense little-endian bitstream down the column (code k at stream
     bits [3k, 3k + 3), word r holds stream bits [32r, 32r + 32)), kernel_rows = ceil(3K / 32).
   GPTQ/AWQ checkpoints are repacked into this once at load, on the device (``pack_codes``).
@@ -50,8 +54,8 @@ def pack_codes(codes_kn: torch.Tensor, bits: int) -> torch.Tensor:
     k, n = codes_kn.shape
     blocks = -(-k // BLOCK_INPUTS)
     padded = torch.nn.functional.pad(codes_kn, (0, 0, 0, blocks * BLOCK_INPUTS - k))
-    # input 32B + bits*j + w sits at [B, j, w]; words are (B, w) and hold fields j = 0..PF-1 in order
-    fields = padded.reshape(blocks, BLOCK_INPUTS // bits, bits, n).transpose(1, 2)  # [B, w, j, N]
+    # input 32B + 2*bits*j + 2w + h sits at [B, j, w, h]; words are (B, w), fields f = h*H + j in order
+    fields = padded.reshape(blocks, 16 // bits, bits, 2, n).permute(0, 2, 3, 1, 4)  # [B, w, h, j, N]
     return pack(fields.reshape(-1, n), bits, dim=0)
 
 
@@ -60,8 +64,8 @@ def unpack_codes(qweight: torch.Tensor, bits: int, in_features: int) -> torch.Te
     if bits not in BLOCKED_BITS:
         return unpack(qweight, bits, in_features, dim=0)
     n, blocks = qweight.shape[1], qweight.shape[0] // bits
-    fields = unpack(qweight, bits, blocks * BLOCK_INPUTS, dim=0)  # [(B, w, j), N]
-    codes = fields.reshape(blocks, bits, BLOCK_INPUTS // bits, n).transpose(1, 2)  # [B, j, w, N]
+    fields = unpack(qweight, bits, blocks * BLOCK_INPUTS, dim=0)  # [(B, w, h, j), N]
+    codes = fields.reshape(blocks, bits, 2, 16 // bits, n).permute(0, 3, 1, 2, 4)  # [B, j, w, h, N]
     return codes.reshape(-1, n)[:in_features]
 
 

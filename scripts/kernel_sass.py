@@ -112,8 +112,43 @@ def _tool(name: str) -> str:
     return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name)
 
 
-def summarize(cubin: Path) -> tuple[str, collections.Counter]:
-    """(resource usage line, opcode histogram) of a cubin."""
+_INSTRUCTION = re.compile(
+    r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*(?:\.[A-Z0-9_]+)*)([^;]*);"
+)
+
+
+def _opcode(op: str) -> str:
+    base = op.split(".")[0]
+    return base + (".128" if base.startswith("LD") and ".128" in op else "")
+
+
+def main_loop(sass: str) -> collections.Counter:
+    """Opcode histogram of the longest loop of ``nvdisasm -c`` output (from a backward branch's target
+    label to the branch): the K loop, where a kernel spends its time."""
+    labels, pending, instructions = {}, [], []
+    for line in sass.splitlines():
+        label = re.match(r"(\.L_x_\d+):", line)
+        if label:
+            pending.append(label.group(1))
+            continue
+        m = _INSTRUCTION.search(line)
+        if m:
+            address = int(m.group(1), 16)
+            labels.update(dict.fromkeys(pending, address))
+            pending = []
+            instructions.append((address, m.group(2), m.group(3)))
+    best = (0, 0, -1)
+    for address, op, operands in instructions:
+        target = re.search(r"\((\.L_x_\d+)\)", operands)
+        if op.startswith("BRA") and target and labels.get(target.group(1), address) < address:
+            start = labels[target.group(1)]
+            best = max(best, (address - start, start, address))
+    _, start, end = best
+    return collections.Counter(_opcode(op) for address, op, _ in instructions if start <= address <= end)
+
+
+def summarize(cubin: Path) -> tuple[str, collections.Counter, collections.Counter]:
+    """(resource usage line, opcode histogram, main-loop opcode histogram) of a cubin."""
     usage = subprocess.run(
         [_tool("cuobjdump"), "--dump-resource-usage", str(cubin)], capture_output=True, text=True
     )
@@ -121,21 +156,15 @@ def summarize(cubin: Path) -> tuple[str, collections.Counter]:
     sass = subprocess.run(
         [_tool("nvdisasm"), "-c", str(cubin)], capture_output=True, text=True, check=True
     ).stdout
-    ops = collections.Counter()
-    for match in re.finditer(
-        r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*(?:\.[A-Z0-9_]+)*)", sass
-    ):
-        op = match.group(1)
-        base = op.split(".")[0]
-        ops[base + (".128" if base.startswith("LD") and ".128" in op else "")] += 1
-    return resources, ops
+    ops = collections.Counter(_opcode(m.group(2)) for m in _INSTRUCTION.finditer(sass))
+    return resources, ops, main_loop(sass)
 
 
 def compile_all(kind: str, bits: int, arch: int, limit: int | None = None) -> int:
     """Compile every distinct autotune config of ``kind`` (``llmquant.kernels.configs``) at ``bits`` for
     ``arch`` with group size 128, SPLIT_K aside (it does not change the code); prints each failure and
     returns their count.
-    GEMM configs whose slice dots would be shorter than K = 16 are skipped (the pruning drops them)."""
+    GEMM configs whose pair-slice dots would be shorter than K = 16 are skipped (the pruning drops them)."""
     from llmquant.kernels import configs
 
     listed = configs.gemm_configs() if kind == "gemm" else configs.gemv_configs()
@@ -143,7 +172,7 @@ def compile_all(kind: str, bits: int, arch: int, limit: int | None = None) -> in
     for cfg in listed:
         meta = {k: v for k, v in cfg.kwargs.items() if k != "SPLIT_K"}
         key = (tuple(sorted(meta.items())), cfg.num_warps, cfg.num_stages)
-        slice_k = cfg.kwargs["BLOCK_K"] // (1 if meta.get("ONE_DOT") else 32 // bits)
+        slice_k = cfg.kwargs["BLOCK_K"] // (1 if meta.get("ONE_DOT") else 16 // bits)  # pair slices
         if key in seen or (kind == "gemm" and slice_k < configs.MIN_DOT_K):
             continue
         seen.add(key)
@@ -186,9 +215,13 @@ def main(argv: list[str] | None = None) -> int:
         stem.with_suffix(f".{ext}").write_text(kernel.asm[ext])
     cubin = stem.with_suffix(".cubin")
     cubin.write_bytes(kernel.asm["cubin"])
-    resources, ops = summarize(cubin)
+    resources, ops, loop = summarize(cubin)
     print(f"{args.kind} {config} warps={args.warps} stages={args.stages} sm_{args.arch}: {resources}")
     print("  " + "  ".join(f"{op} {n}" for op, n in ops.most_common(args.top)))
+    print(
+        f"  main loop, {loop.total()} instructions: "
+        + "  ".join(f"{op} {n}" for op, n in loop.most_common(args.top))
+    )
     return 0
 
 

@@ -56,9 +56,9 @@ def test_prune_gemm(gpu_lists: None, m: int, bits: int) -> None:
         configs.gemm_configs(), {"M": m, "N": 4096, "K": 4096}, GROUP_SIZE=128, BITS=bits
     )
     assert kept
-    # every dot has K >= 16: the whole tile (ONE_DOT) or each of the 32 / bits slices
+    # every dot has K >= 16: the whole tile (ONE_DOT) or each of the 16 / bits pair slices
     for c in kept:
-        slices = 1 if c.kwargs.get("ONE_DOT", False) else 32 // bits
+        slices = 1 if c.kwargs.get("ONE_DOT", False) else 16 // bits
         assert c.kwargs["BLOCK_K"] // slices >= configs.MIN_DOT_K
     assert all(128 % c.kwargs["BLOCK_K"] == 0 for c in kept)  # one scale row per tile
     if m > configs.SPLIT_K_MAX_M:

@@ -111,13 +111,16 @@ def test_uneven_g_idx_rejected():
 @pytest.mark.parametrize("bits", [2, 4, 8])
 @pytest.mark.parametrize("k", [64, 100, 576])
 def test_qweight_blocked_convention_explicit_shifts(bits, k):
-    # code of input k: qweight[bits * (k // 32) + (k % 32) % bits, n] >> (bits * ((k % 32) // bits)) & mask
+    # code of input k (c = k % 32; j, w, h = c // (2 bits), (c % (2 bits)) // 2, c % 2):
+    # qweight[bits * (k // 32) + w, n] >> (bits * (h * (16 // bits) + j)) & mask
     n = 6
     qw = _make_qw(n, k, bits, 32, seed=bits + k)
     qweight = to_kernel_layout(qw)["qweight"]
     mask = (1 << bits) - 1
     for kk in range(k):
-        row, field = bits * (kk // 32) + (kk % 32) % bits, (kk % 32) // bits
+        c = kk % 32
+        j, w, h = c // (2 * bits), (c % (2 * bits)) // 2, c % 2
+        row, field = bits * (kk // 32) + w, h * (16 // bits) + j
         for nn in range(n):
             word = int(qweight[row, nn])  # signed Python int; & mask reads the same bits
             assert (word >> (bits * field)) & mask == int(qw.codes[nn, kk])
@@ -126,7 +129,8 @@ def test_qweight_blocked_convention_explicit_shifts(bits, k):
 
 
 def test_qweight_4bit_golden_column():
-    # one column with codes 0..31 down K: word w (0..3) holds inputs w, w + 4, ..., w + 28 in fields 0..7
+    # one column with codes k % 16 down K = 32: word w (0..3) holds inputs 2w + 8j in its low half (fields
+    # j = 0..3) and 2w + 1 + 8j in its high half (fields 4 + j), so e.g. word 0 = nibbles 0 8 0 8 | 1 9 1 9
     qw = QuantizedWeight(
         (torch.arange(32) % 16).to(torch.uint8)[None, :],
         torch.ones(1, 1, dtype=torch.float16),
@@ -135,7 +139,7 @@ def test_qweight_4bit_golden_column():
         group_size=None,
     )
     qweight = to_kernel_layout(qw)["qweight"]
-    words = [0xC840C840, 0xD951D951, 0xEA62EA62, 0xFB73FB73]
+    words = [0x91918080, 0xB3B3A2A2, 0xD5D5C4C4, 0xF7F7E6E6]
     assert qweight.tolist() == [[w - (1 << 32)] for w in words]
 
 
@@ -161,10 +165,11 @@ def test_qweight_tail_fields_are_zero(bits):
     assert qweight.shape[0] == bits * 4
     codes = unpack_codes(qweight, bits, 128)  # decode past K: the padding inputs
     assert bool((codes[:k] == (1 << bits) - 1).all()) and bool((codes[k:] == 0).all())
-    last = qweight[-bits:].long() & 0xFFFFFFFF  # words of block 3: inputs 96 + bits * j + w
+    last = qweight[-bits:].long() & 0xFFFFFFFF  # words of block 3: field h H + j holds 96 + 2 bits j + 2w + h
+    half = 16 // bits
     for w in range(bits):
-        used = [j for j in range(32 // bits) if 96 + bits * j + w < k]
-        expect = sum(((1 << bits) - 1) << (bits * j) for j in used)
+        used = [f for f in range(32 // bits) if 96 + 2 * bits * (f % half) + 2 * w + f // half < k]
+        expect = sum(((1 << bits) - 1) << (bits * f) for f in used)
         assert bool((last[w] == expect).all())
 
 

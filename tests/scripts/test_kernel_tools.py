@@ -84,9 +84,12 @@ def test_kernel_sass_offline_compile(tmp_path: Path) -> None:
     assert run.returncode == 0, run.stderr[-2000:]
     assert "REG:" in run.stdout and "LDG.128" in run.stdout
     sass = _load("kernel_sass")
-    _, ops = sass.summarize(tmp_path / "gemv.cubin")
+    _, ops, loop = sass.summarize(tmp_path / "gemv.cubin")
     per_thread = 64 * 64 // (32 * 4)  # weights of one 64 x 64 tile per thread (4 warps)
     assert ops["LDG.128"] >= 1 and ops["FFMA"] >= per_thread  # one FFMA per weight
+    # the K loop: it streams the tile's words and does the FFMAs, and is a strict part of the kernel
+    assert loop["LDG.128"] >= 1 and loop["FFMA"] >= per_thread and loop.total() < ops.total()
+    assert f"main loop, {loop.total()} instructions" in run.stdout
     with pytest.raises(SystemExit, match="NAME=VALUE"):
         sass.parse_config(["BLOCK_N"])
     argv = ["gemm", "--all-configs", "2", "--limit", "1"]  # the first 2-bit GEMM autotune config
