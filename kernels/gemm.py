@@ -156,7 +156,9 @@ def _pair_q_minus_z_f16(words, zero, i, BITS: tl.constexpr):
     4-bit: no PRMT/SHF pair assembly for the low byte)."""
     S: tl.constexpr = (BITS * i) % 8
     SHIFT: tl.constexpr = BITS * i - S
-    v = words >> SHIFT if SHIFT > 0 else words
+    # words >> SHIFT as a multiply-high: LLVM folds a shift followed by the hi half's >> 16 into a second,
+    # separate shift (two shifts and a PRMT per pair); mul.hi stays one op, on the FMA pipe (IMAD.HI)
+    v = tl.umulhi(words, 1 << (32 - SHIFT)) if SHIFT > 0 else words
     mask: tl.constexpr = ((1 << BITS) - 1) << S
     lo = (v & mask) | _FP16_MAGIC
     hi = ((v >> 16) & mask) | _FP16_MAGIC
