@@ -20,7 +20,7 @@ Decomposition of ``_gemm_kernel``: grid (cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N), SP
     2 BLOCK_K / PACK >= 16, pruned). In the layout those two fields hold inputs 2j and 2j + 1, so a
     pair slice's activation columns are runs of 2 * bits contiguous inputs, staged with asynchronous
     copies like a plain matmul's A tiles, and for fp16 an MMA operand pair (k, k + 1) is decoded from
-    one word with one mask (``_pair_q_minus_z_f16``) instead of being assembled from two words.
+    one word with one mask (``_pair_q_minus_z_half``) instead of being assembled from two words.
   The autotuner picks whichever is faster. With ``SCALE_AFTER`` (default) and BLOCK_K dividing the group,
   the dots take the exact integers q - z (``_q_minus_z``) and the group's scale row multiplies the fp32 tile
   sum once (``_dot_scaled_tile``); otherwise dequantization uses the magic-number int->float trick, fp16
@@ -55,7 +55,6 @@ from .configs import (
     prune_gemm,
 )
 from .dequant import (
-    _FP16_MAGIC,
     _dequantize_tile,
     _group_params,
     _load_words,
@@ -147,26 +146,32 @@ def _pair_codes(words, i, BITS: tl.constexpr):
 
 
 @triton.jit
-def _pair_q_minus_z_f16(words, zero, i, BITS: tl.constexpr):
-    """fp16 q - z [2R, BLOCK_N] of pair slice i, exact, built so that ptxas decodes a K-adjacent operand
-    pair from one word: the two codes sit at the same bits of the word's two halves, so after a byte
-    shift (none for the low byte) one mask and one OR give the fp16 pair (1024 + q_lo 2^S,
-    1024 + q_hi 2^S), S = the code's offset inside its byte (S + BITS <= 10 keeps it in the mantissa),
-    and one fused multiply-add (1024 + q 2^S) 2^-S - (2^(10-S) + z) = q - z, exact (offline sm_90 SASS,
-    4-bit: no PRMT/SHF pair assembly for the low byte)."""
-    S: tl.constexpr = (BITS * i) % 8
+def _pair_q_minus_z_half(words, zero, i, BITS: tl.constexpr, BF16: tl.constexpr, FP32_DOT: tl.constexpr):
+    """q - z [2R, BLOCK_N] of pair slice i in fp16 (bf16 with BF16, for BITS < 8), exact, built so that
+    ptxas decodes a K-adjacent operand pair from one word. The two codes sit at the same bits of the
+    word's two halves, so after a shift (none for the low byte) one mask and one OR give the half pair
+    (M + q_lo 2^S, M + q_hi 2^S): M = 2^MANT is the magic number (fp16 1024, MANT = 10; bf16 128,
+    MANT = 7) and S is the code's offset inside its byte when S + BITS <= MANT keeps it in the mantissa
+    (else the code is shifted down to S = 0). One fused multiply-add (M + q 2^S) 2^-S - (2^(MANT-S) + z)
+    = q - z then corrects it exactly (offline sm_90 SASS, fp16 4-bit: no PRMT/SHF pair assembly)."""
+    DTYPE: tl.constexpr = tl.bfloat16 if BF16 else tl.float16
+    MANT: tl.constexpr = 7 if BF16 else 10
+    MAGIC: tl.constexpr = 0x4300 if BF16 else 0x6400  # bits of 2^MANT
+    S: tl.constexpr = (BITS * i) % 8 if (BITS * i) % 8 + BITS <= MANT else 0
     SHIFT: tl.constexpr = BITS * i - S
     # words >> SHIFT as a multiply-high: LLVM folds a shift followed by the hi half's >> 16 into a second,
     # separate shift (two shifts and a PRMT per pair); mul.hi stays one op, on the FMA pipe (IMAD.HI)
     v = tl.umulhi(words, 1 << (32 - SHIFT)) if SHIFT > 0 else words
     mask: tl.constexpr = ((1 << BITS) - 1) << S
-    lo = (v & mask) | _FP16_MAGIC
-    hi = ((v >> 16) & mask) | _FP16_MAGIC
-    q = _interleave(lo, hi).to(tl.int16).to(tl.float16, bitcast=True)  # 1024 + q 2^S
-    zs = (zero.to(tl.float32) + (1 << (10 - S))).to(tl.float16)  # 2^(10-S) + z, exact
+    lo = (v & mask) | MAGIC
+    hi = ((v >> 16) & mask) | MAGIC
+    q = _interleave(lo, hi).to(tl.int16).to(DTYPE, bitcast=True)  # 2^MANT + q 2^S
+    zs = (zero.to(tl.float32) + (1 << (MANT - S))).to(DTYPE)  # 2^(MANT-S) + z, exact
+    if FP32_DOT:  # bf16 under the interpreter, whose bf16 arithmetic is wrong: the same exact math in fp32
+        return q.to(tl.float32) * (1.0 / (1 << S)) - zs.to(tl.float32)
     if S == 0:
         return q - zs
-    return q * tl.full((1, 1), 1.0 / (1 << S), tl.float16) - zs  # one HFMA2 per pair (fp fusion)
+    return q * tl.full((1, 1), 1.0 / (1 << S), DTYPE) - zs  # one HFMA2 per pair (fp fusion)
 
 
 @triton.jit
@@ -205,7 +210,9 @@ def _dot_scaled_tile(
             offs_k = _pair_inputs(k0, i, BITS, BLOCK_K)
             x = _x_tile(x_ptr, perm_ptr, offs_m, offs_k, mask_m, K, stride_xm, stride_xk, HAS_PERM, EVEN_K)
             if FP16_MATH:
-                w = _pair_q_minus_z_f16(words, zero, i, BITS)
+                w = _pair_q_minus_z_half(words, zero, i, BITS, False, FP32_DOT)
+            elif x.dtype == tl.bfloat16 and BITS < 8:  # 8-bit codes do not fit bf16's 7-bit mantissa
+                w = _pair_q_minus_z_half(words, zero, i, BITS, True, FP32_DOT)
             else:
                 w = _q_minus_z(_pair_codes(words, i, BITS), zero, FP16_MATH, x.dtype)
             t = _dot(x, w, t, FP32_DOT)

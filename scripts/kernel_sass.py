@@ -34,6 +34,7 @@ POINTERS = {
     "ws_ptr": "*fp32",
     "lock_ptr": "*i32",
 }
+ACTIVATION_POINTERS = ("x_ptr", "bias_ptr", "y_ptr")  # x's dtype (--dtype)
 UNIT_STRIDES = ("stride_xk", "stride_qn", "stride_sn", "stride_zn", "stride_yn")
 BASE = {
     "BITS": 4,
@@ -77,8 +78,8 @@ def parse_config(items: list[str]) -> dict:
     return out
 
 
-def compile_cubin(kind: str, config: dict, warps: int, stages: int, arch: int) -> object:
-    """The compiled kernel (``.asm`` holds ttgir / ptx / cubin)."""
+def compile_cubin(kind: str, config: dict, warps: int, stages: int, arch: int, dtype: str = "fp16") -> object:
+    """The compiled kernel (``.asm`` holds ttgir / ptx / cubin) for activations of ``dtype`` (fp16/bf16)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -87,7 +88,8 @@ def compile_cubin(kind: str, config: dict, warps: int, stages: int, arch: int) -
     fn = getattr(module, f"_{kind}_kernel").fn  # the jit function under @triton.heuristics
     if not hasattr(fn, "params"):
         raise SystemExit("kernel_sass: unset TRITON_INTERPRET (interpreted kernels cannot be compiled)")
-    constexprs = {**BASE, **DEFAULTS[kind], **config, **dict.fromkeys(UNIT_STRIDES, 1)}
+    act = {"FP16_MATH": dtype == "fp16"}
+    constexprs = {**BASE, **act, **DEFAULTS[kind], **config, **dict.fromkeys(UNIT_STRIDES, 1)}
     for param in fn.params:  # meta-parameters with defaults (FAST, ONE_DOT, ...), as a launch binds them
         if param.is_constexpr and param.default is not inspect.Parameter.empty:
             constexprs.setdefault(param.name, param.default)
@@ -99,6 +101,8 @@ def compile_cubin(kind: str, config: dict, warps: int, stages: int, arch: int) -
             signature[name] = "constexpr"
         else:
             signature[name] = POINTERS.get(name, "i32")
+            if name in ACTIVATION_POINTERS:
+                signature[name] = f"*{dtype}"
             if name != "M":
                 attrs[(i,)] = [["tt.divisibility", 16]]
     source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
@@ -198,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warps", type=int, default=4)
     p.add_argument("--stages", type=int, default=2)
     p.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90 = H100/H200)")
+    p.add_argument("--dtype", choices=["fp16", "bf16"], default="fp16", help="activation dtype")
     p.add_argument("--out-dir", type=Path, default=Path("sass_out"))
     p.add_argument("--top", type=int, default=20, help="opcodes to print")
     p.add_argument(
@@ -208,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.all_configs is not None:
         return 1 if compile_all(args.kind, args.all_configs, args.arch, args.limit) else 0
     config = parse_config(args.config)
-    kernel = compile_cubin(args.kind, config, args.warps, args.stages, args.arch)
+    kernel = compile_cubin(args.kind, config, args.warps, args.stages, args.arch, args.dtype)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     stem = args.out_dir / args.kind
     for ext in ("ttgir", "ptx"):
@@ -216,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     cubin = stem.with_suffix(".cubin")
     cubin.write_bytes(kernel.asm["cubin"])
     resources, ops, loop = summarize(cubin)
-    print(f"{args.kind} {config} warps={args.warps} stages={args.stages} sm_{args.arch}: {resources}")
+    launch = f"{args.kind} {args.dtype} {config} warps={args.warps} stages={args.stages} sm_{args.arch}"
+    print(f"{launch}: {resources}")
     print("  " + "  ".join(f"{op} {n}" for op, n in ops.most_common(args.top)))
     print(
         f"  main loop, {loop.total()} instructions: "
