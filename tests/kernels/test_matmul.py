@@ -50,6 +50,7 @@ def test_quant_matmul_triton(m, n, k, gs, bits, sym, act_order, has_bias, dtype,
         (gemv, 2, triton.Config({"BLOCK_N": 64, "BLOCK_K": 32, "SPLIT_K": 4})),  # 4 splits, BLOCK_K < gs
         (gemv, 1, triton.Config({"BLOCK_N": 32, "BLOCK_K": 256, "SPLIT_K": 2})),  # one row, tile spans groups
         (gemv, 1, triton.Config({"BLOCK_N": 16, "BLOCK_K": 64, "SPLIT_K": 3})),  # one row, 3 splits
+        (gemv, 1, triton.Config({"BLOCK_N": 64, "BLOCK_K": 32, "SPLIT_K": 16})),  # wide-tile shape: one block
         # FAST one-row path with the register prefetch, a split ending 1.5 tiles into K; and FAST off
         (gemv, 1, triton.Config({"BLOCK_N": 32, "BLOCK_K": 128, "SPLIT_K": 2, "PREFETCH": True})),
         (gemv, 1, triton.Config({"BLOCK_N": 32, "BLOCK_K": 64, "SPLIT_K": 2, "FAST": False})),
