@@ -48,23 +48,15 @@ def _runtime_bits(value: tl.constexpr, K):
     min(K, 0) == 0; loop-invariant, so computed once per program). An AND with one immediate and an OR
     with another compiles to two LOP3s on sm_90 (a LOP3 takes one 32-bit immediate); with the OR operand
     in a register ptxas fuses mask and OR into one LOP3 per code (``scripts/kernel_sass.py``: the FAST
-    GEMV loop 751 -> 627 instructions)."""
+    GEMV loop 756 -> 628 instructions). The GEMM keeps immediates: there a register constant sent the dot
+    operands through shared memory."""
     return tl.minimum(K, 0) + value
 
 
 @triton.jit
 def _magic_f32(v):
-    """float32 2^23 + v for int v in [0, 2^23) (bits 0x4B000000 | v): exact, no I2F instruction. The
-    tensor-core GEMM uses this immediate form: with ``_magic_f32_reg`` its dot operands take an extra
-    shared-memory round trip (offline sm_90 SASS, fp32 path: loop BAR 6 -> 22)."""
+    """float32 2^23 + v for int v in [0, 2^23) (bits 0x4B000000 | v): exact, no I2F instruction."""
     return (v.to(tl.int32) | _FP32_MAGIC).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _magic_f32_reg(v, K):
-    """``_magic_f32`` with the magic in a register (``_runtime_bits``; K any runtime size) so that a
-    preceding mask fuses with the OR into one LOP3: the CUDA-core GEMV's form."""
-    return (v.to(tl.int32) | _runtime_bits(_FP32_MAGIC, K)).to(tl.float32, bitcast=True)
 
 
 @triton.jit

@@ -60,6 +60,7 @@ from .dequant import (
     _load_words,
     _magic_f16,
     _magic_f32,
+    _slice_codes,
     _slice_rows,
     _store_tile,
     _tile_inputs,
@@ -122,9 +123,7 @@ def _slice_major_codes(words, k0, BITS: tl.constexpr, BLOCK_K: tl.constexpr):
 
 @triton.jit
 def _interleave(lo, hi):
-    """[R, ...] lo and hi -> [2R, ...] with row 2r = lo[r], row 2r + 1 = hi[r]."""
-    if len(lo.shape) == 1:
-        return tl.reshape(tl.join(lo, hi), (2 * lo.shape[0],))
+    """[R, N] lo and hi -> [2R, N] with row 2r = lo[r], row 2r + 1 = hi[r]."""
     return tl.reshape(tl.permute(tl.join(lo, hi), (0, 2, 1)), (2 * lo.shape[0], lo.shape[1]))
 
 
@@ -132,7 +131,7 @@ def _interleave(lo, hi):
 def _pair_inputs(k0, i, BITS: tl.constexpr, BLOCK_K: tl.constexpr):
     """Inputs of pair slice i of the tile at k0 (fields i and i + PACK/2 of every word row, interleaved):
     row 2r + h is input 32 (r // BITS) + 2 BITS i + 2 (r % BITS) + h, i.e. runs of 2 * BITS contiguous
-    inputs (``layout.py``)."""
+    inputs (``layout.py``; ``dequant._tile_inputs`` rewritten for the interleaved row order)."""
     offs = tl.arange(0, 2 * (BLOCK_K // (32 // BITS)))
     return k0 + (offs // (2 * BITS)) * 32 + (2 * BITS) * i + offs % (2 * BITS)
 
@@ -140,9 +139,7 @@ def _pair_inputs(k0, i, BITS: tl.constexpr, BLOCK_K: tl.constexpr):
 @triton.jit
 def _pair_codes(words, i, BITS: tl.constexpr):
     """Codes int32 [2R, BLOCK_N] of pair slice i (rows as ``_pair_inputs``): fields i and i + PACK/2."""
-    lo = (words >> (BITS * i)) & ((1 << BITS) - 1)
-    hi = (words >> (BITS * i + 16)) & ((1 << BITS) - 1)
-    return _interleave(lo, hi)
+    return _interleave(_slice_codes(words, i, BITS), _slice_codes(words, i + 16 // BITS, BITS))
 
 
 @triton.jit

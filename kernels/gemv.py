@@ -47,7 +47,7 @@ from .dequant import (
     _group_params,
     _load_words,
     _load_words_until,
-    _magic_f32_reg,
+    _magic_f32,
     _mantissa_codes,
     _slice_codes,
     _slice_rows,
@@ -67,14 +67,14 @@ def _slice_weight(
 ):  # fmt: skip
     """fp32 [BLOCK_K / PACK, BLOCK_N] weights of slice j: q - z (exact; the caller applies the tile's one
     scale row) when the tile lies in one group, else (q - z) * s with per-row scales/zeros."""
-    qf = _magic_f32_reg(_slice_codes(words, j, BITS), K)  # 2^23 + q
+    qf = _magic_f32(_slice_codes(words, j, BITS))  # 2^23 + q
     if GROUP_SIZE % BLOCK_K == 0:
         return qf - zf  # (2^23 + q) - (2^23 + z) = q - z, exact
     s_j, z_j = _group_params(
         scales_ptr, zeros_ptr, offs_k, offs_n, k0, K, N,
         stride_sg, stride_sn, stride_zg, stride_zn, GROUP_SIZE, BLOCK_K, EVEN_N, "evict_first",
     )  # fmt: skip
-    return (qf - _magic_f32_reg(z_j, K)) * s_j.to(tl.float32)
+    return (qf - _magic_f32(z_j)) * s_j.to(tl.float32)
 
 
 @triton.jit
@@ -92,7 +92,7 @@ def _tile_params(
         scales_ptr, zeros_ptr, _slice_rows(k0, 0, BITS, BLOCK_K), offs_n, k0, K, N,
         stride_sg, stride_sn, stride_zg, stride_zn, GROUP_SIZE, BLOCK_K, EVEN_N, "evict_first",
     )  # fmt: skip
-    zf = _magic_f32_reg(zero, K)  # 2^23 + z
+    zf = _magic_f32(zero)  # 2^23 + z
     return words, scale.to(tl.float32), zf
 
 

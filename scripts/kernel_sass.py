@@ -176,8 +176,7 @@ def compile_all(kind: str, bits: int, arch: int, limit: int | None = None) -> in
     for cfg in listed:
         meta = {k: v for k, v in cfg.kwargs.items() if k != "SPLIT_K"}
         key = (tuple(sorted(meta.items())), cfg.num_warps, cfg.num_stages)
-        slice_k = cfg.kwargs["BLOCK_K"] // (1 if meta.get("ONE_DOT") else 16 // bits)  # pair slices
-        if key in seen or (kind == "gemm" and slice_k < configs.MIN_DOT_K):
+        if key in seen or (kind == "gemm" and not configs._dot_k_valid(cfg, 32 // bits)):
             continue
         seen.add(key)
         if limit is not None and done >= limit:
