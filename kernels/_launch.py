@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from .configs import interpreting
+from .configs import COMPILE_OPTIONS, interpreting
 from .dequant import check_interpretable, check_layout, kernel_group_size
 
 ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -79,6 +79,7 @@ def prepare(
         "FP32_DOT": x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and interpreting()),
         "HAS_PERM": perm is not None,
         "HAS_BIAS": bias is not None,
+        **COMPILE_OPTIONS,
     }
     return MatmulLaunch(x2, y, workspace, locks, (*x.shape[:-1], n), meta)
 

@@ -44,6 +44,11 @@ GEMV_MAX_PRODUCT = 8192
 # tl.dot needs a K extent of at least 16: the GEMM dots [BLOCK_M, BLOCK_K] x [BLOCK_K, BN] (ONE_DOT) or
 # PACK / 2 pair slices [BLOCK_M, 2 BLOCK_K / PACK] x [2 BLOCK_K / PACK, BN].
 MIN_DOT_K = 16
+# Compile options every launch passes (with its meta-parameters). The kernels rely on fp contraction for
+# their packed decodes (one HFMA2 per pair in the GEMM); Triton 3.9 warns that its default turns it off in
+# 3.10 (offline sm_90 SASS with fusion off: GEMM main loop 520 -> 562 instructions), so ask for it.
+COMPILE_OPTIONS = {"enable_fp_fusion": True}
+
 # LLMQUANT_TUNE=off: skip benchmarking, take the first config that survives pruning (fast tests).
 TUNE_ENV = "LLMQUANT_TUNE"
 # LLMQUANT_TUNE_CACHE=off: do not persist autotuning results on disk (read when the kernels are imported).

@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import autotune_options, check_config, dequant_configs, prune_dequant
+from .configs import COMPILE_OPTIONS, autotune_options, check_config, dequant_configs, prune_dequant
 from .layout import dequantize_ref as _dequantize_ref
 from .layout import kernel_rows
 
@@ -412,6 +412,7 @@ def dequant(
         "BITS": bits,
         "GROUP_SIZE": kernel_group_size(group_size, k),
         "FP16_MATH": dtype == torch.float16,
+        **COMPILE_OPTIONS,
     }
 
     def grid(c: dict) -> tuple[int, int]:

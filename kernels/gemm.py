@@ -168,7 +168,9 @@ def _pair_q_minus_z_half(words, zero, i, BITS: tl.constexpr, BF16: tl.constexpr,
         return q.to(tl.float32) * (1.0 / (1 << S)) - zs.to(tl.float32)
     if S == 0:
         return q - zs
-    return q * tl.full((1, 1), 1.0 / (1 << S), DTYPE) - zs  # one HFMA2 per pair (fp fusion)
+    # one HFMA2 per pair through fp fusion, which every launch requests (enable_fp_fusion): tl.fma here
+    # made Triton 3.9 split the pair into scalar f16 FMAs (offline sm_90 main loop 520 -> 615)
+    return q * tl.full((1, 1), 1.0 / (1 << S), DTYPE) - zs
 
 
 @triton.jit
@@ -213,7 +215,7 @@ def _dot_scaled_tile(
             else:
                 w = _q_minus_z(_pair_codes(words, i, BITS), zero, FP16_MATH, x.dtype)
             t = _dot(x, w, t, FP32_DOT)
-    return acc + t * scale.to(tl.float32)
+    return tl.fma(t, scale.to(tl.float32), acc)
 
 
 @triton.heuristics(

@@ -106,7 +106,9 @@ def compile_cubin(kind: str, config: dict, warps: int, stages: int, arch: int, d
             if name != "M":
                 attrs[(i,)] = [["tt.divisibility", 16]]
     source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
-    options = {"num_warps": warps, "num_stages": stages}
+    from llmquant.kernels.configs import COMPILE_OPTIONS
+
+    options = {"num_warps": warps, "num_stages": stages, **COMPILE_OPTIONS}  # as a launch passes them
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
 
 

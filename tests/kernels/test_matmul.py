@@ -155,3 +155,46 @@ def test_quant_matmul_random_cases(seed: int) -> None:
     q = (lay["qweight"], lay["scales"], lay["zeros"])
     y = quant_matmul(x, *q, bits, gs, lay["perm"], bias, backend="triton")
     assert_matmul_accuracy(y, x, lay, bits, gs, bias)
+
+
+class _RecordingKernel:
+    """Stands in for a jitted kernel: ``kernel[grid](*args, **kwargs)`` records the keyword arguments."""
+
+    def __init__(self, real) -> None:  # noqa: ANN001
+        self.fn = real.fn  # what dequant.check_interpretable inspects
+        self.kwargs: list[dict] = []
+
+    def __getitem__(self, grid):  # noqa: ANN001, ANN204
+        return lambda *args, **kwargs: self.kwargs.append(kwargs)
+
+
+@pytest.mark.parametrize("tuned", [True, False])
+def test_every_launch_requests_fp_fusion(tuned: bool, monkeypatch: pytest.MonkeyPatch, gen) -> None:  # noqa: ANN001
+    """gemv, gemm and dequant pass ``configs.COMPILE_OPTIONS`` (fp contraction on, which the packed
+    decodes rely on and Triton 3.10 turns off by default) to the kernel, tuned or with a pinned config."""
+    import importlib
+
+    from llmquant.kernels import dequant
+    from llmquant.kernels.configs import COMPILE_OPTIONS
+
+    assert COMPILE_OPTIONS == {"enable_fp_fusion": True}
+    lay = make_layout(24, 64, 4, 32, sym=True)
+    q = (lay["qweight"], lay["scales"], lay["zeros"])
+    x = torch.randn(2, 64, generator=gen)
+    pinned = {
+        "gemv": triton.Config({"BLOCK_N": 16, "BLOCK_K": 64, "SPLIT_K": 1}),
+        "gemm": triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 64, "SPLIT_K": 1, "GROUP_M": 1}),
+        "dequant": triton.Config({"BLOCK_K": 32, "BLOCK_N": 32}),
+    }
+    calls = {
+        "gemv": lambda c: gemv(x, *q, 4, 32, config=c),
+        "gemm": lambda c: gemm(x, *q, 4, 32, config=c),
+        "dequant": lambda c: dequant(*q, 4, 32, 64, torch.float16, config=c),
+    }
+    for name, call in calls.items():
+        module = importlib.import_module(f"llmquant.kernels.{name}")
+        attr = f"_{name}_kernel_tuned" if tuned else f"_{name}_kernel"
+        kernel = _RecordingKernel(getattr(module, attr))
+        monkeypatch.setattr(module, attr, kernel)
+        call(None if tuned else pinned[name])
+        assert len(kernel.kwargs) == 1 and kernel.kwargs[0]["enable_fp_fusion"] is True, name

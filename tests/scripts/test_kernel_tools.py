@@ -98,3 +98,24 @@ def test_kernel_sass_offline_compile(tmp_path: Path) -> None:
     )
     assert run.returncode == 0, run.stderr[-2000:]
     assert "1 configs compiled, 0 failed" in run.stdout
+
+
+def test_kernel_sass_gemm_keeps_fused_pair_decode(tmp_path: Path) -> None:
+    """The fp16 GEMM's pair decode (M + q 2^S) 2^-S - (2^(10-S) + z) is one HFMA2 per operand pair even
+    where Triton's default turns fp contraction off (TRITON_DEFAULT_FP_FUSION=0, the Triton 3.10 default):
+    compilation passes ``configs.COMPILE_OPTIONS`` as every launch does. 16 x 128 x 128 on 4 warps:
+    2 of the 4 pair slices have S = 4, 16 pairs each per thread."""
+    import os
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "0"
+    config = ["--config", "BLOCK_M=16", "BLOCK_N=128", "BLOCK_K=128", "SPLIT_K=1"]
+    argv = ["gemm", *config, "--warps", "4", "--stages", "3", "--out-dir", str(tmp_path)]
+    run = subprocess.run(
+        [sys.executable, str(SCRIPTS / "kernel_sass.py"), *argv], capture_output=True, text=True, env=env
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    _, _, loop = _load("kernel_sass").summarize(tmp_path / "gemm.cubin")
+    assert loop["HFMA2"] == 32 and loop["HMUL2"] == 0, loop
+    assert loop["HMMA"] == 32  # 16 x 128 x 128 in m16n8k16 MMAs over 4 warps
