@@ -198,3 +198,27 @@ def test_every_launch_requests_fp_fusion(tuned: bool, monkeypatch: pytest.Monkey
         monkeypatch.setattr(module, attr, kernel)
         call(None if tuned else pinned[name])
         assert len(kernel.kwargs) == 1 and kernel.kwargs[0]["enable_fp_fusion"] is True, name
+
+
+DECODES = [(torch.float16, 10, 0x6400), (torch.bfloat16, 7, 0x4300)]  # (dtype, MANT, MAGIC) as in gemm.py
+
+
+@pytest.mark.parametrize(("dtype", "mant", "magic"), DECODES)
+@pytest.mark.parametrize("bits", [2, 4])
+def test_pair_decode_arithmetic_is_exact(dtype: torch.dtype, mant: int, magic: int, bits: int) -> None:
+    """The arithmetic of ``gemm._pair_q_minus_z_half`` on the GPU, in torch's correctly rounded CPU fp16 and
+    bf16 (the interpreter runs bf16 through fp32, so its bf16 GPU branch is checked here): for every field i,
+    code q and zero z, magic | (q << S) read as ``dtype`` is 2^MANT + q 2^S, and
+    (that * 2^-S) - (2^(MANT-S) + z) is q - z with or without fp contraction."""
+    q = torch.arange(1 << bits, dtype=torch.int32)[:, None]
+    z = torch.arange(1 << bits, dtype=torch.int32)[None, :]
+    for i in range(16 // bits):
+        s = (bits * i) % 8 if (bits * i) % 8 + bits <= mant else 0
+        word = (magic | (q << s)).to(torch.int16).view(dtype)
+        assert torch.equal(word.double(), (2.0**mant + q * 2.0**s).double())
+        zs = (z + (1 << (mant - s))).to(dtype)
+        assert torch.equal(zs.int(), z + (1 << (mant - s)))  # the constant is exact in dtype
+        two_roundings = word * torch.tensor(2.0**-s, dtype=dtype) - zs
+        one_rounding = (word.double() * 2.0**-s - zs.double()).to(dtype)
+        assert torch.equal(two_roundings.int(), (q - z).expand_as(two_roundings)), (i, s)
+        assert torch.equal(one_rounding, two_roundings), (i, s)
