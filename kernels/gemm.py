@@ -131,7 +131,9 @@ def _interleave(lo, hi):
 def _pair_inputs(k0, i, BITS: tl.constexpr, BLOCK_K: tl.constexpr):
     """Inputs of pair slice i of the tile at k0 (fields i and i + PACK/2 of every word row, interleaved):
     row 2r + h is input 32 (r // BITS) + 2 BITS i + 2 (r % BITS) + h, i.e. runs of 2 * BITS contiguous
-    inputs (``layout.py``; ``dequant._tile_inputs`` rewritten for the interleaved row order)."""
+    inputs (``layout.py``). Written out rather than as ``dequant._tile_inputs(k0, offs // 2, ...)``: Triton
+    sees runs of 2 * BITS contiguous offsets only in this form and stages x with cp.async (through
+    ``_tile_inputs`` the offline sm_90 main loop went 520 -> 626, plain loads + shared-memory stores)."""
     offs = tl.arange(0, 2 * (BLOCK_K // (32 // BITS)))
     return k0 + (offs // (2 * BITS)) * 32 + (2 * BITS) * i + offs % (2 * BITS)
 
@@ -215,7 +217,7 @@ def _dot_scaled_tile(
             else:
                 w = _q_minus_z(_pair_codes(words, i, BITS), zero, FP16_MATH, x.dtype)
             t = _dot(x, w, t, FP32_DOT)
-    return tl.fma(t, scale.to(tl.float32), acc)
+    return acc + t * scale.to(tl.float32)
 
 
 @triton.heuristics(

@@ -125,9 +125,9 @@ def _gemv_one_row(
                 x = tl.load(x_ptr + x_cols * stride_xk, eviction_policy="evict_last")
             else:
                 x = tl.load(x_ptr + x_cols * stride_xk, mask=mask_k, other=0.0, eviction_policy="evict_last")
-            t = tl.fma(x.to(tl.float32)[:, None], w, t)
+            t += x.to(tl.float32)[:, None] * w
         if GROUP_SIZE % BLOCK_K == 0:
-            acc2 = tl.fma(t, scale, acc2)
+            acc2 += t * scale
         else:
             acc2 += t
     return tl.sum(acc2, axis=0)[None, :]  # [1, BLOCK_N]
@@ -175,12 +175,12 @@ def _gemv_one_row_fast(
             else:
                 x = tl.load(x_ptr + x_cols * stride_xk, mask=mask_k, other=0.0, eviction_policy="evict_last")
                 x = x.to(tl.float32)
-            t = tl.fma(x[:, None], _mantissa_codes(words, j, BITS, K), t)  # x (1 + q / 2^B)
+            t += x[:, None] * _mantissa_codes(words, j, BITS, K)  # x (1 + q / 2^B)
             xs += x
         s = scale.to(tl.float32)
         # s * sum x (q - z) = (2^B s) * sum x (1 + q / 2^B) - ((2^B + z) s) * sum x: two FFMAs per element
-        acc2 = tl.fma(t, s * TWO_B, acc2)
-        acc2 = tl.fma(-xs[:, None], s * (zero.to(tl.float32) + TWO_B), acc2)
+        acc2 += t * (s * TWO_B)
+        acc2 -= xs[:, None] * (s * (zero.to(tl.float32) + TWO_B))
     return tl.sum(acc2, axis=0)[None, :]  # [1, BLOCK_N]
 
 
@@ -211,12 +211,11 @@ def _gemv_rows(
             x_ptrs = x_ptr + offs_m[:, None] * stride_xm + x_cols[None, :] * stride_xk
             x_mask = mask_m[:, None] if EVEN_K else mask_m[:, None] & mask_k[None, :]
             x = tl.load(x_ptrs, mask=x_mask, other=0.0, eviction_policy="evict_last").to(tl.float32)
-            part = tl.fma(x[:, :, None], w[None, :, :], part)
+            part += x[:, :, None] * w[None, :, :]
         tile = tl.sum(part, axis=1)  # [BLOCK_M, BLOCK_N]
         if GROUP_SIZE % BLOCK_K == 0:
-            acc = tl.fma(tile, scale, acc)
-        else:
-            acc += tile
+            tile = tile * scale
+        acc += tile
     return acc
 
 
