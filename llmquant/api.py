@@ -11,6 +11,7 @@ import torch
 
 from .config import CalibrationConfig, GPTQConfig, MethodConfig
 from .formats import get_format
+from .methods import METHODS, checkpoint_meta, rounder_config
 from .pipeline import QuantizationResult, quantize
 
 logger = logging.getLogger(__name__)
@@ -20,24 +21,22 @@ def save_quantized(
     result: QuantizationResult,
     out_dir: str | Path,
     *,
-    format: str = "gptq",
+    format: str | None = None,
     tokenizer=None,
     max_shard_size: int = 4 * 2**30,
 ) -> Path:
     """Write ``result`` as a checkpoint of ``format`` (atomic, verified by reading it back), with the
-    per-module log in ``quant_log.json``; then drop the run's resume directory."""
+    per-module log in ``quant_log.json``; then drop the run's resume directory. ``format`` None: the
+    method's natural format (``natural_format``)."""
     from .io import save_quantized as _save
 
     config = result.config
-    act_order = isinstance(config, GPTQConfig) and config.act_order
-    static_groups = isinstance(config, GPTQConfig) and config.static_groups
-    meta: dict[str, Any] = {"method_config": config.to_dict(), "calibration": result.calibration}
-    if isinstance(config, GPTQConfig):
-        meta["damp_percent"] = config.damp
-        meta["true_sequential"] = config.true_sequential
-        damps = [log.damp for log in result.logs if log.damp is not None]
-        meta["damp_max_used"] = max(damps) if damps else None
-        meta["rtn_fallbacks"] = sum(1 for log in result.logs if log.fallback)
+    if format is None:
+        format = natural_format(config, {qw.shape[1] for qw in result.quantized.values()})
+    rcfg = rounder_config(config)
+    act_order = isinstance(rcfg, GPTQConfig) and rcfg.act_order
+    static_groups = isinstance(rcfg, GPTQConfig) and rcfg.static_groups
+    meta: dict[str, Any] = checkpoint_meta(config, result.logs) | {"calibration": result.calibration}
     path = _save(
         result.model,
         result.quantized,
@@ -59,13 +58,64 @@ def save_quantized(
     return path
 
 
+def natural_format(config: MethodConfig, in_features: set[int]) -> str:
+    """The method's own format (``awq`` for AWQ, ``gptq``/``gptq_v2`` for RTN and GPTQ by symmetry), or
+    ``gptq_v2`` when that format cannot store this scheme on these input sizes (e.g. AutoAWQ GEMM and a
+    ragged last group)."""
+    scheme = config.scheme
+    name = METHODS[config.method].natural_format(scheme)
+    try:
+        check_format(name, config, in_features)
+    except ValueError as exc:
+        fallback = "gptq" if scheme.sym else "gptq_v2"
+        logger.info("format %s cannot store this checkpoint (%s); writing %s", name, exc, fallback)
+        return fallback
+    return name
+
+
+def check_format(name: str, config: MethodConfig, in_features: set[int]) -> None:
+    """ValueError (one line, with the fix) if format ``name`` cannot store ``config``'s output for linears
+    with these input sizes; run before any work."""
+    from .formats import stores_permutation
+
+    rcfg = rounder_config(config)
+    act_order = isinstance(rcfg, GPTQConfig) and stores_permutation(rcfg.act_order, rcfg.static_groups)
+    fmt = get_format(name)
+    fmt.check_scheme(config.scheme, act_order=act_order)
+    gs = config.scheme.group_size
+    ragged = sorted(k for k in in_features if gs is not None and k % gs)
+    if ragged and not fmt.allows_ragged_groups:
+        raise ValueError(
+            f"format {fmt.name!r} cannot store a ragged last group (input size {ragged[0]} is not a multiple "
+            f"of group size {gs}); use --group-size {_divisor_hint(in_features, gs)} or --format gptq_v2 "
+            "or compressed-tensors"
+        )
+
+
+def _divisor_hint(in_features: set[int], group_size: int) -> int:
+    for g in (128, 64, 32, 16):
+        if g < group_size and all(k % g == 0 for k in in_features):
+            return g
+    return 32
+
+
+def _model_in_features(model_dir: Path) -> set[int]:
+    """Input sizes of a LLaMA-like checkpoint's decoder linears, from its config.json."""
+    config = json.loads((model_dir / "config.json").read_text())
+    sizes = {config.get("hidden_size"), config.get("intermediate_size")}
+    heads, head_dim = config.get("num_attention_heads"), config.get("head_dim")
+    if heads and head_dim:
+        sizes.add(heads * head_dim)  # o_proj
+    return {int(k) for k in sizes if k}
+
+
 def quantize_checkpoint(
     model_dir: str | Path,
     out_dir: str | Path,
     config: MethodConfig,
     calibration: CalibrationConfig | None = None,
     *,
-    format: str = "gptq",
+    format: str | None = None,
     device: str | None = None,
     batch_size: int = 8,
     resume: bool = True,
@@ -76,12 +126,16 @@ def quantize_checkpoint(
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     if not model_dir.is_dir():
         raise FileNotFoundError(f"model directory {model_dir} does not exist")
-    act_order = isinstance(config, GPTQConfig) and config.act_order and not config.static_groups
-    get_format(format).check_scheme(config.scheme, act_order=act_order)  # fail before hours of work
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{model_dir} is not a model directory (no config.json)")
+    in_features = _model_in_features(model_dir)
+    if format is None:
+        format = natural_format(config, in_features)
+    check_format(format, config, in_features)  # fail before hours of work
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
     except (OSError, ValueError, TypeError) as exc:
-        if isinstance(config, GPTQConfig):
+        if config.method != "rtn":
             raise ValueError(f"{model_dir} has no usable tokenizer, which calibration needs ({exc})") from exc
         tokenizer = None
     resume_dir = out_dir.with_name(out_dir.name + ".partial")

@@ -5,7 +5,11 @@ Adding a family is adding an ``ArchSpec`` to ``ARCHS`` — no code paths per arc
 - ``layers``: dotted path of the decoder-layer ModuleList.
 - ``sequential``: GPTQ's true-sequential groups, in order; the modules of one group read the same
   input (so they share one Hessian), and each group sees the already-quantized earlier groups.
-- ``awq``: AWQ mappings, smooth module -> the linears it feeds (scales folded into the smooth module).
+- ``awq``: AWQ mappings, smooth module -> the linears it feeds (scales folded into the smooth module),
+  in the reference implementations' order; a mapping whose shapes do not allow folding (v_proj -> o_proj
+  under grouped-query attention) is skipped at run time with the reason (``transforms.skip_reason``).
+- ``awq_no_clip``: linears AWQ does not clip (q/k: their outputs meet in the attention scores, where a
+  per-linear output error says little; the reference implementations skip them too).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ class ArchSpec:
     layers: str
     sequential: tuple[tuple[str, ...], ...]
     awq: tuple[AWQMapping, ...]
+    awq_no_clip: tuple[str, ...] = ("self_attn.q_proj", "self_attn.k_proj")
 
     @property
     def linear_names(self) -> tuple[str, ...]:

@@ -32,13 +32,29 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("quantize", help="quantize a local HF checkpoint and save it")
     p.add_argument("model", help="local Hugging Face checkpoint directory (float weights)")
     p.add_argument("-o", "--output", required=True, help="output directory (written atomically)")
-    p.add_argument("--method", choices=["rtn", "gptq"], default="gptq")
+    from .methods import METHODS
+
+    p.add_argument(
+        "--method",
+        choices=list(METHODS),
+        default="gptq",
+        help="; ".join(f"{m.name}: {m.help}" for m in METHODS.values()) + " (default: gptq)",
+    )
     p.add_argument("--bits", type=int, default=4, choices=[2, 3, 4, 8])
     p.add_argument("--group-size", type=_group_size, default=128, help="input channels per scale, or 'none'")
     sym = p.add_mutually_exclusive_group()
-    sym.add_argument("--sym", dest="sym", action="store_true", default=True, help="symmetric grid (default)")
-    sym.add_argument("--asym", dest="sym", action="store_false", help="asymmetric min-max grid")
-    p.add_argument("--format", default="gptq", help="gptq (v1, default) | gptq_v2 | awq | compressed-tensors")
+    sym.add_argument(
+        "--sym", dest="sym", action="store_true", default=None, help="symmetric grid (default for rtn, gptq)"
+    )
+    sym.add_argument(
+        "--asym", dest="sym", action="store_false", help="asymmetric min-max grid (default for awq)"
+    )
+    p.add_argument(
+        "--format",
+        default=None,
+        help="gptq (v1) | gptq_v2 | awq | compressed-tensors (default: the method's own: awq for AWQ when "
+        "the group size divides every input size, else gptq for sym / gptq_v2 for asym)",
+    )
     p.add_argument("--mse-clip", action="store_true", help="choose each group's range by an error search")
     g = p.add_argument_group("GPTQ")
     g.add_argument("--calib", default="c4", help="c4 | wikitext2 | pileval | ultrachat | PATH | synthetic")
@@ -61,6 +77,29 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
         help="with --act-order: grids fixed up front, g_idx trivial (default: on with --act-order)",
     )
     g.add_argument("--no-true-sequential", dest="true_sequential", action="store_false")
+    a = p.add_argument_group("AWQ (--method awq | awq+gptq)")
+    a.add_argument(
+        "--awq-grid", dest="n_grid", type=int, default=None, help="scale exponents tried (default 20)"
+    )
+    a.add_argument(
+        "--duo-scaling",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="scales from activations and weights (default: on); --no-duo-scaling: activations only",
+    )
+    a.add_argument(
+        "--awq-clip",
+        dest="clip",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="search a clipping range per group after scaling (default: on for awq, off for awq+gptq)",
+    )
+    a.add_argument(
+        "--search-samples",
+        type=int,
+        default=None,
+        help="calibration sequences replayed per scale candidate (default 16; statistics use all)",
+    )
     p.add_argument("--device", default=None, help="compute device (default: cuda if available, else cpu)")
     p.add_argument("--batch-size", type=int, default=8, help="calibration sequences per forward")
     p.add_argument("--no-resume", action="store_true", help="start over even if OUT.partial exists")
@@ -69,21 +108,13 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
     from .api import quantize_checkpoint
-    from .config import CalibrationConfig, GPTQConfig, QuantScheme, RTNConfig
+    from .config import CalibrationConfig, QuantScheme
+    from .methods import METHODS, build_method_config
 
+    if args.sym is None:
+        args.sym = METHODS[args.method].default_sym
     scheme = QuantScheme(bits=args.bits, group_size=args.group_size, sym=args.sym)
-    if args.method == "rtn":
-        config = RTNConfig(scheme=scheme, mse_clip=args.mse_clip)
-    else:
-        config = GPTQConfig(
-            scheme=scheme,
-            damp=args.damp,
-            block_size=args.block_size,
-            act_order=args.act_order,
-            static_groups=args.static_groups,
-            true_sequential=args.true_sequential,
-            mse_clip=args.mse_clip,
-        )
+    config = build_method_config(args.method, scheme, vars(args))
     calib = CalibrationConfig(
         source=args.calib,
         n_samples=args.n_samples,

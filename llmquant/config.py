@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
 SUPPORTED_BITS = (2, 3, 4, 8)
-METHODS = ("rtn", "gptq", "awq")
+METHODS = ("rtn", "gptq", "awq", "awq+gptq")
 
 T = TypeVar("T", bound="_Config")
 
@@ -46,6 +46,8 @@ class _Config:
                 raise ValueError(f"{cls.__name__} has no field {key!r}; known: {sorted(names)}")
             if key == "scheme" and isinstance(value, dict):
                 value = QuantScheme.from_dict(value)
+            if key == "rounder" and isinstance(value, dict):
+                value = method_config_from_dict(value)
             kwargs[key] = value
         return cls(**kwargs)
 
@@ -153,23 +155,62 @@ class GPTQConfig(_Config):
 
 @dataclass(frozen=True)
 class AWQConfig(_Config):
-    """AWQ (Lin et al. 2023): activation-aware per-channel scaling, then grid clipping.
+    """AWQ (Lin et al. 2023): activation-aware per-channel scaling (a *transform* of the float layer),
+    then a *rounder* quantizes the scaled weights.
 
-    n_grid: points of the scale-exponent search in [0, 1).
+    rounder: ``None`` = round-to-nearest (``--method awq``, the paper's method) or a ``GPTQConfig``
+        (``--method awq+gptq``: Hessians collected after the scales are folded); same scheme as this.
+    n_grid: exponents a = i / n_grid, i < n_grid, tried for the scales (plus the identity s = 1).
     duo_scaling: scale = x_mean**a / w_mean**(1-a) instead of x_mean**a.
-    clip: search a per-group clipping ratio after scaling.
+    clip: search a per-group clipping range after scaling (None: on with RTN, off with GPTQ, which
+        chooses its own grid while compensating the rounding error).
+    clip_grid / max_shrink: the clip search tries ranges shrunk by up to ``max_shrink``, in
+        ``clip_grid`` steps.
+    search_samples: calibration sequences replayed through the block for each scale candidate (the
+        activation means and the clip search always use every token); fewer is faster.
     """
 
     scheme: QuantScheme = field(default_factory=lambda: QuantScheme(bits=4, group_size=128, sym=False))
+    rounder: RTNConfig | GPTQConfig | None = None
     n_grid: int = 20
     duo_scaling: bool = True
-    clip: bool = True
-    method: ClassVar[str] = "awq"
+    clip: bool | None = None
+    clip_grid: int = 20
+    max_shrink: float = 0.5
+    search_samples: int = 16
 
     def __post_init__(self) -> None:
         _check_scheme(self.scheme)
+        if self.rounder is not None and not isinstance(self.rounder, (RTNConfig, GPTQConfig)):
+            raise ValueError(
+                f"AWQ rounder must be RTNConfig or GPTQConfig, got {type(self.rounder).__name__}"
+            )
+        if self.rounder is not None and self.rounder.scheme != self.scheme:
+            raise ValueError("AWQ and its rounder must use the same QuantScheme")
+        if self.clip is None:  # frozen: resolve the default once, so to_dict() stores a bool
+            object.__setattr__(self, "clip", not isinstance(self.rounder, GPTQConfig))
         if self.n_grid < 1:
             raise ValueError(f"n_grid must be >= 1, got {self.n_grid}")
+        if self.clip_grid < 1:
+            raise ValueError(f"clip_grid must be >= 1, got {self.clip_grid}")
+        if not 0.0 <= self.max_shrink < 1.0:
+            raise ValueError(f"max_shrink must be in [0, 1), got {self.max_shrink}")
+        if self.search_samples < 1:
+            raise ValueError(f"search_samples must be >= 1, got {self.search_samples}")
+
+    @property
+    def method(self) -> str:  # type: ignore[override]
+        return "awq+gptq" if isinstance(self.rounder, GPTQConfig) else "awq"
+
+    def rounder_config(self) -> RTNConfig | GPTQConfig:
+        """The rounder that runs after the transform (RTN on the same scheme by default)."""
+        return self.rounder if self.rounder is not None else RTNConfig(scheme=self.scheme)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        if self.rounder is not None:
+            out["rounder"] = self.rounder.to_dict() | {"method": self.rounder.method}
+        return out
 
 
 @dataclass(frozen=True)
@@ -209,7 +250,10 @@ def method_config_from_dict(data: dict[str, Any]) -> MethodConfig:
     """Inverse of ``cfg.to_dict() | {"method": cfg.method}``."""
     data = dict(data)
     method = data.pop("method", None)
-    classes = {c.method: c for c in (RTNConfig, GPTQConfig, AWQConfig)}
+    classes = {"rtn": RTNConfig, "gptq": GPTQConfig, "awq": AWQConfig, "awq+gptq": AWQConfig}
     if method not in classes:
         raise ValueError(f"unknown method {method!r}; choose one of {sorted(classes)}")
-    return classes[method].from_dict(data)
+    config = classes[method].from_dict(data)
+    if config.method != method:
+        raise ValueError(f"method {method!r} does not match its settings (they describe {config.method!r})")
+    return config

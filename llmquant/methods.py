@@ -1,23 +1,34 @@
-"""Per-layer glue for each method: which statistics to collect, then calls into the pure math.
+"""Per-layer method glue behind a registry: *transforms* change the float layer, *rounders* quantize it.
 
-A method receives one decoder layer (on the compute device, float weights) and a ``LayerContext``
-that can run the cached calibration inputs through it. It quantizes the layer's linears, writes the
-fake-quantized weights back into the layer (so later groups and the next layer see quantized
-outputs), and returns one ``QuantizedWeight`` + ``ModuleLog`` per linear.
+For each decoder layer the pipeline runs the plan's transforms (AWQ: search scales, fold them into the
+preceding norm/linear, clip) on the float layer, then its rounder (RTN, GPTQ) quantizes every linear of
+the transformed layer. Both are registered on their config types:
+
+- ``register_rounder(RTNConfig)`` / ``register_rounder(GPTQConfig)``: a class whose
+  ``quantize_layer(layer, ctx)`` returns one ``QuantizedWeight`` + ``ModuleLog`` per linear;
+- ``register_transform(AWQConfig)``: a class whose ``apply(layer, ctx)`` mutates the float layer and
+  returns per-linear notes for the log; the config names its rounder (``rounder_config()``).
+
+The pipeline owns write-back (``ctx.write_back``: the rounded weights replace the float ones so later
+groups and the next layer see quantized outputs) and propagation; a rounder calls ``write_back`` itself
+only between its own sequential groups (GPTQ's true-sequential order).
+
+``METHODS`` lists what the CLI and API offer (``--method`` choices): name -> how to build its config from
+options, and its natural checkpoint format.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Protocol
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
 from .arch import ArchSpec
-from .config import GPTQConfig, MethodConfig, RTNConfig
+from .config import AWQConfig, GPTQConfig, MethodConfig, QuantScheme, RTNConfig
 from .grid import quantize_weight
 from .qtensor import QuantizedWeight
 
@@ -32,6 +43,17 @@ class ModuleLog:
     seconds: float
     tokens: int  # calibration tokens that entered the statistics (padding excluded)
     fallback: str | None = None
+    transform: dict[str, Any] | None = None  # what a transform did to this linear (AWQ alpha, clip)
+
+
+@dataclass(frozen=True)
+class Call:
+    """One captured call of a submodule on one calibration batch (on the compute device)."""
+
+    args: tuple
+    kwargs: dict
+    output: torch.Tensor  # the float module's output (first element of a tuple output)
+    mask: torch.Tensor | None  # [b, S] bool, True = real token; None = no padding
 
 
 class LayerContext(Protocol):
@@ -47,11 +69,109 @@ class LayerContext(Protocol):
         real (unpadded) input tokens of each named submodule."""
         ...
 
+    def capture_calls(self, layer: nn.Module, names: Sequence[str], n_samples: int) -> dict[str, list[Call]]:
+        """The positional and keyword arguments and outputs of each named submodule's calls on the first
+        ``n_samples`` calibration sequences (whole batches)."""
+        ...
+
+    def replay(self, module: nn.Module, calls: Sequence[Call]) -> list[torch.Tensor]:
+        """``module`` run again on each captured call's arguments."""
+        ...
+
+    def write_back(self, layer: nn.Module, result: LayerResult) -> None:
+        """Replace each quantized linear's float weight by its dequantized weight (in place)."""
+        ...
+
 
 LayerResult = dict[str, tuple[QuantizedWeight, ModuleLog]]
+TransformNotes = dict[str, dict[str, Any]]  # linear name -> notes merged into its ModuleLog.transform
 
 
-class RTNMethod:
+class Rounder(Protocol):
+    needs_calibration: bool
+
+    def quantize_layer(self, layer: nn.Module, ctx: LayerContext) -> LayerResult: ...
+
+    def checkpoint_meta(self, logs: Sequence[ModuleLog]) -> dict[str, Any]: ...
+
+
+class Transform(Protocol):
+    needs_calibration: bool
+
+    def apply(self, layer: nn.Module, ctx: LayerContext) -> TransformNotes: ...
+
+
+_ROUNDERS: dict[type, Callable[[Any], Rounder]] = {}
+_TRANSFORMS: dict[type, Callable[[Any], Transform]] = {}
+
+
+def register_rounder(config_type: type) -> Callable[[type], type]:
+    """Class decorator: the rounder built from configs of ``config_type``."""
+
+    def deco(cls: type) -> type:
+        _ROUNDERS[config_type] = cls
+        return cls
+
+    return deco
+
+
+def register_transform(config_type: type) -> Callable[[type], type]:
+    """Class decorator: the transform built from configs of ``config_type`` (which must provide
+    ``rounder_config()``)."""
+
+    def deco(cls: type) -> type:
+        _TRANSFORMS[config_type] = cls
+        return cls
+
+    return deco
+
+
+@dataclass
+class LayerPlan:
+    """What runs on every decoder layer: transforms in order, then one rounder."""
+
+    transforms: list[Transform]
+    rounder: Rounder
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.rounder.needs_calibration or any(t.needs_calibration for t in self.transforms)
+
+
+def rounder_config(config: MethodConfig) -> RTNConfig | GPTQConfig:
+    """The config of the rounder a method config ends in (itself for RTN/GPTQ)."""
+    return config.rounder_config() if type(config) in _TRANSFORMS else config  # type: ignore[union-attr]
+
+
+def make_plan(config: MethodConfig) -> LayerPlan:
+    """The transforms + rounder registered for ``config``'s type (and its rounder's)."""
+    _ensure_registered()
+    transforms: list[Transform] = []
+    if type(config) in _TRANSFORMS:
+        transforms.append(_TRANSFORMS[type(config)](config))
+    rcfg = rounder_config(config)
+    if type(rcfg) not in _ROUNDERS:
+        raise ValueError(f"method {config.method!r} has no registered rounder")
+    return LayerPlan(transforms, _ROUNDERS[type(rcfg)](rcfg))
+
+
+def checkpoint_meta(config: MethodConfig, logs: Sequence[ModuleLog]) -> dict[str, Any]:
+    """Metadata a checkpoint records about the method (its config and the rounder's statistics)."""
+    meta: dict[str, Any] = {"method_config": config.to_dict() | {"method": config.method}}
+    return meta | make_plan(config).rounder.checkpoint_meta(logs)
+
+
+def _ensure_registered() -> None:
+    from . import transforms  # noqa: F401  (registers AWQ)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Rounders
+# ---------------------------------------------------------------------------------------------------
+
+
+@register_rounder(RTNConfig)
+class RTNRounder:
     needs_calibration = False
 
     def __init__(self, config: RTNConfig) -> None:
@@ -63,12 +183,15 @@ class RTNMethod:
             t0 = time.perf_counter()
             module = layer.get_submodule(name)
             qw = quantize_weight(module.weight.data.float(), self.config.scheme, mse=self.config.mse_clip)
-            # no write-back: RTN propagates nothing, and the pipeline swaps in a QuantLinear next
             out[name] = (qw, ModuleLog(name, None, None, time.perf_counter() - t0, 0))
         return out
 
+    def checkpoint_meta(self, logs: Sequence[ModuleLog]) -> dict[str, Any]:
+        return {}
 
-class GPTQMethod:
+
+@register_rounder(GPTQConfig)
+class GPTQRounder:
     needs_calibration = True
 
     def __init__(self, config: GPTQConfig) -> None:
@@ -93,9 +216,12 @@ class GPTQMethod:
                 stats[name] = accumulate_hessian(*stats[name], x)
 
             ctx.collect_inputs(layer, [group[0] for group in phase], add)
+            done: LayerResult = {}
             for group in phase:
                 H, n = stats[group[0]]
-                out.update(self._quantize_group(layer, group, H / max(n, 1), n))
+                done.update(self._quantize_group(layer, group, H / max(n, 1), n))
+            ctx.write_back(layer, done)  # the next phase sees this phase's quantized outputs
+            out.update(done)
         return out
 
     def _quantize_group(
@@ -107,25 +233,83 @@ class GPTQMethod:
         from .gptq import gptq_quantize, hessian_weighted_error
 
         t0 = time.perf_counter()
-        modules = [layer.get_submodule(name) for name in group]
-        weights = [m.weight.data.float() for m in modules]
+        weights = [layer.get_submodule(name).weight.data.float() for name in group]
         res = gptq_quantize(torch.cat(weights), H, self.config, name="+".join(group))  # [sum N, K]
         seconds = (time.perf_counter() - t0) / len(group)
         out: LayerResult = {}
         start = 0
-        for name, module, W in zip(group, modules, weights):
+        for name, W in zip(group, weights):
             qw = res.weight.rows(start, start + W.shape[0])
             start += W.shape[0]
-            Q = qw.dequantize()
-            module.weight.data = Q.to(module.weight.dtype)
-            error = hessian_weighted_error(W, Q, H)
+            error = hessian_weighted_error(W, qw.dequantize(), H)
             out[name] = (qw, ModuleLog(name, error, res.damp, seconds, tokens, res.fallback))
         return out
 
+    def checkpoint_meta(self, logs: Sequence[ModuleLog]) -> dict[str, Any]:
+        damps = [log.damp for log in logs if log.damp is not None]
+        return {
+            "damp_percent": self.config.damp,
+            "true_sequential": self.config.true_sequential,
+            "damp_max_used": max(damps) if damps else None,
+            "rtn_fallbacks": sum(1 for log in logs if log.fallback),
+        }
 
-def make_method(config: MethodConfig) -> RTNMethod | GPTQMethod:
-    if isinstance(config, RTNConfig):
-        return RTNMethod(config)
-    if isinstance(config, GPTQConfig):
-        return GPTQMethod(config)
-    raise ValueError(f"method {config.method!r} is not available yet; use rtn or gptq")
+
+# ---------------------------------------------------------------------------------------------------
+# What the CLI and API offer
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One ``--method`` choice: how to build its config from options, and its natural format."""
+
+    name: str
+    help: str
+    build: Callable[[QuantScheme, Mapping[str, Any]], MethodConfig]
+    natural_format: Callable[[QuantScheme], str] = field(default=lambda s: "gptq" if s.sym else "gptq_v2")
+    default_sym: bool = True
+
+
+def _gptq_from(scheme: QuantScheme, o: Mapping[str, Any]) -> GPTQConfig:
+    keys = ("damp", "block_size", "act_order", "static_groups", "true_sequential", "mse_clip")
+    return GPTQConfig(scheme=scheme, **{k: o[k] for k in keys if o.get(k) is not None})
+
+
+def _awq_from(scheme: QuantScheme, o: Mapping[str, Any], rounder: RTNConfig | GPTQConfig | None) -> AWQConfig:
+    keys = ("n_grid", "duo_scaling", "clip", "search_samples")
+    return AWQConfig(scheme=scheme, rounder=rounder, **{k: o[k] for k in keys if o.get(k) is not None})
+
+
+METHODS: dict[str, MethodSpec] = {
+    spec.name: spec
+    for spec in (
+        MethodSpec(
+            "rtn", "round to nearest (no calibration)", lambda s, o: RTNConfig(s, bool(o.get("mse_clip")))
+        ),
+        MethodSpec("gptq", "GPTQ Hessian-based rounding", _gptq_from),
+        MethodSpec(
+            "awq",
+            "AWQ activation-aware scaling, then round to nearest",
+            lambda s, o: _awq_from(
+                s, o, RTNConfig(s, bool(o.get("mse_clip"))) if o.get("mse_clip") else None
+            ),
+            natural_format=lambda s: "awq",
+            default_sym=False,
+        ),
+        MethodSpec(
+            "awq+gptq",
+            "AWQ scaling, then GPTQ rounding on the scaled layer",
+            lambda s, o: _awq_from(s, o, _gptq_from(s, o)),
+            natural_format=lambda s: "awq",
+            default_sym=False,
+        ),
+    )
+}
+
+
+def build_method_config(name: str, scheme: QuantScheme, options: Mapping[str, Any]) -> MethodConfig:
+    """The config of ``--method name`` with the given options (None values take the defaults)."""
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
+    return METHODS[name].build(scheme, options)

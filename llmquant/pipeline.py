@@ -5,15 +5,18 @@
    arguments the installed transformers passes (attention mask, position ids, rotary embeddings,
    cache position ...).
 2. for each decoder layer: load it (from the checkpoint shards when streaming), move it to the
-   compute device, let the method quantize its linears (collecting statistics with hooks over the
-   cached inputs), run the inputs through the now-quantized layer to get the next layer's inputs,
-   swap its linears for QuantLinear modules, move it back to the CPU, and write a resume checkpoint.
+   compute device, run the plan's transforms on the float layer (AWQ: scale, fold, clip), let the
+   rounder quantize its linears (collecting statistics with hooks over the cached inputs), write the
+   rounded weights back, run the inputs through the now-quantized layer to get the next layer's inputs,
+   swap its linears for QuantLinear modules, move it back to the CPU, and write a resume checkpoint
+   (codes, plus every float tensor of the layer a transform changed: folded norms, biases).
 Only one float decoder layer plus the activation cache is ever resident on the compute device.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -29,7 +32,7 @@ from . import __version__
 from .arch import ArchSpec
 from .calibration import CalibrationBlocks, load_calibration
 from .config import CalibrationConfig, MethodConfig
-from .methods import LayerResult, ModuleLog, make_method
+from .methods import Call, LayerPlan, LayerResult, ModuleLog, make_plan
 from .nn import QuantLinear, set_module
 from .qtensor import QuantizedWeight
 from .resume import ResumeState, fingerprint
@@ -86,11 +89,17 @@ class _Context:
     device: torch.device
     dtype: torch.dtype
 
-    def run(self, layer: nn.Module, keep: bool, on_batch: Callable[[int], None] | None = None) -> list:
-        """Every cached batch through ``layer``; the outputs (on the CPU) if ``keep``. A hook may
-        raise _StopForward to end a batch early (nothing is kept for it then)."""
+    def run(
+        self,
+        layer: nn.Module,
+        keep: bool,
+        on_batch: Callable[[int], None] | None = None,
+        batches: int | None = None,
+    ) -> list:
+        """Every cached batch (or the first ``batches``) through ``layer``; the outputs (on the CPU) if
+        ``keep``. A hook may raise _StopForward to end a batch early (nothing is kept for it then)."""
         outs = []
-        for j, x in enumerate(self.inputs):
+        for j, x in enumerate(self.inputs[:batches]):
             if on_batch is not None:
                 on_batch(j)
             kwargs = {k: _to(v, self.device) for k, v in self.kwargs[j].items()}
@@ -131,6 +140,63 @@ class _Context:
         finally:
             for h in handles:
                 h.remove()
+
+    def capture_calls(self, layer: nn.Module, names: Sequence[str], n_samples: int) -> dict[str, list[Call]]:
+        """Arguments, keyword arguments and float outputs of each named submodule, on whole batches
+        covering the first ``n_samples`` sequences (kept on the compute device)."""
+        calls: dict[str, list[Call]] = {n: [] for n in names}
+        state: dict = {"mask": None, "seen": set(), "args": {}}
+
+        def pre(name: str) -> Callable:
+            def _pre(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+                state["args"][name] = (args, dict(kwargs))
+
+            return _pre
+
+        def post(name: str) -> Callable:
+            def _post(_module: nn.Module, _args: tuple, _kwargs: dict, output: object) -> None:
+                y = output[0] if isinstance(output, tuple) else output
+                args, kwargs = state["args"].pop(name)
+                calls[name].append(Call(args, kwargs, y, state["mask"]))
+                state["seen"].add(name)
+                if len(state["seen"]) == len(names):
+                    raise _StopForward
+
+            return _post
+
+        n_batches, total = 0, 0
+        while n_batches < len(self.inputs) and total < n_samples:
+            total += self.inputs[n_batches].shape[0]
+            n_batches += 1
+
+        def set_batch(j: int) -> None:
+            state["mask"], state["seen"] = self.masks[j], set()
+
+        handles = []
+        for n in names:
+            module = layer.get_submodule(n)
+            handles.append(module.register_forward_pre_hook(pre(n), with_kwargs=True))
+            handles.append(module.register_forward_hook(post(n), with_kwargs=True))
+        try:
+            with torch.inference_mode():
+                self.run(layer, keep=False, on_batch=set_batch, batches=n_batches)
+        finally:
+            for h in handles:
+                h.remove()
+        return calls
+
+    def replay(self, module: nn.Module, calls: Sequence[Call]) -> list[torch.Tensor]:
+        outs = []
+        with torch.inference_mode():
+            for call in calls:
+                y = module(*call.args, **call.kwargs)
+                outs.append(y[0] if isinstance(y, tuple) else y)
+        return outs
+
+    def write_back(self, layer: nn.Module, result: LayerResult) -> None:
+        for name, (qw, _log) in result.items():
+            weight = layer.get_submodule(name).weight
+            weight.data = qw.dequantize().to(weight.device, weight.dtype)
 
 
 def _to(value: object, device: torch.device) -> object:
@@ -229,18 +295,18 @@ def quantize(
 ) -> QuantizationResult:
     """Quantize every decoder-layer linear of ``model`` (a loaded model or a checkpoint path).
 
-    ``calibration`` (blocks or a config; needs ``tokenizer``) is used by calibrated methods (GPTQ).
+    ``calibration`` (blocks or a config; needs ``tokenizer``) is used by calibrated methods (GPTQ, AWQ).
     Computation runs on ``device`` (default: CUDA if available) in the model's dtype there, in float32
     on the CPU. With ``resume_dir``, every finished layer is checkpointed and an interrupted run
     with the same inputs continues where it stopped, bit-identically.
     """
     t0 = time.perf_counter()
     source = _resolve_source(model)
-    method = make_method(config)
+    plan = make_plan(config)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     store_dtype = next(p for p in source.model.parameters() if not p.is_meta).dtype
     compute_dtype = torch.float32 if dev.type == "cpu" else store_dtype
-    blocks = _resolve_blocks(calibration, tokenizer, source) if method.needs_calibration else None
+    blocks = _resolve_blocks(calibration, tokenizer, source) if plan.needs_calibration else None
     fp = fingerprint(
         __version__,
         source.description,
@@ -258,20 +324,21 @@ def quantize(
         ctx = _Context(0, source.arch, inputs, kwargs, masks, dev, compute_dtype)
     quantized: list[str] = []
     logs: list[ModuleLog] = []
-    n_layers = len(source.layers)
-    bar = tqdm(range(n_layers), desc=f"{config.method} layers", disable=not progress)
+    bar = tqdm(range(len(source.layers)), desc=f"{config.method} layers", disable=not progress)
     for i in bar:
         layer = source.load_layer(i)
         if i < state.layers_done:
-            result = state.load_layer(i)
+            result, float_state = state.load_layer(i)
+            _assign_(layer, float_state)
         else:
-            result = _quantize_layer(layer, i, method, ctx, source.arch, dev, compute_dtype)
-            state.save_layer(i, result, ctx.inputs if ctx else None)
+            result = _quantize_layer(layer, i, plan, ctx, source.arch, dev, compute_dtype)
+            float_state = _transformed_tensors(layer, result) if plan.transforms else {}
+            state.save_layer(i, result, ctx.inputs if ctx else None, float_state)
         _finalize_layer(layer, result, store_dtype)
         prefix = f"{source.arch.layers}.{i}."
         for name, (_qw, log) in result.items():
             quantized.append(prefix + name)
-            logs.append(ModuleLog(prefix + name, *list(log.__dict__.values())[1:]))
+            logs.append(dataclasses.replace(log, name=prefix + name))
         losses = [log.loss for _, log in result.values() if log.loss is not None]
         if losses:
             bar.set_postfix(loss=f"{max(losses):.3g}")
@@ -290,22 +357,47 @@ def quantize(
     return QuantizationResult(source.model, weights, config, logs, calib, seconds, state.dir)
 
 
+def _transformed_tensors(layer: nn.Module, result: LayerResult) -> dict[str, torch.Tensor]:
+    """Every float parameter of ``layer`` except the quantized linears' weights (norms, biases): what a
+    transform may have changed, saved for resume so a resumed layer is not re-streamed over them."""
+    skip = {f"{name}.weight" for name in result}
+    return {n: p.detach().to("cpu").clone() for n, p in layer.named_parameters() if n not in skip}
+
+
+def _assign_(layer: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Put saved float tensors back into ``layer`` (in place, keeping each parameter's dtype)."""
+    for name, value in tensors.items():
+        param = layer.get_parameter(name)
+        param.data = value.to(param.device, param.dtype)
+
+
 def _quantize_layer(
     layer: nn.Module,
     index: int,
-    method,
+    plan: LayerPlan,
     ctx: _Context | None,
     arch: ArchSpec,
     device: torch.device,
     dtype: torch.dtype,
 ) -> LayerResult:
-    """Quantize one layer on the compute device; advance ``ctx.inputs`` to its quantized outputs."""
+    """Transform and round one layer on the compute device; advance ``ctx.inputs`` to its quantized
+    outputs. The pipeline writes the rounded weights back before propagating."""
     if ctx is None:  # nothing runs through the layer: move it, keep its dtype
         layer.to(device=device)
-        return method.quantize_layer(layer, _Context(index, arch, [], [], [], device, dtype))
+        return plan.rounder.quantize_layer(layer, _Context(index, arch, [], [], [], device, dtype))
     layer.to(device=device, dtype=dtype)
     ctx.index = index
-    result = method.quantize_layer(layer, ctx)
+    notes: dict[str, dict] = {}
+    for transform in plan.transforms:
+        for name, note in transform.apply(layer, ctx).items():
+            notes.setdefault(name, {}).update(note)
+    result = plan.rounder.quantize_layer(layer, ctx)
+    ctx.write_back(layer, result)
     with torch.inference_mode():
         ctx.inputs = ctx.run(layer, keep=True)
+    if notes:
+        result = {
+            n: (qw, dataclasses.replace(log, transform=notes.get(n) or None))
+            for n, (qw, log) in result.items()
+        }
     return result

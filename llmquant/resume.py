@@ -3,7 +3,9 @@
 Layout of a checkpoint directory (``<out>.partial`` by default):
 - ``state.json``: {"fingerprint": ..., "layers_done": i}. Written last, atomically: a layer counts as
   done only when its files are complete.
-- ``layer-00012.safetensors``: codes/scales/zeros/g_idx of every linear of layer 12, plus its log.
+- ``layer-00012.safetensors``: codes/scales/zeros/g_idx of every linear of layer 12, plus its log, and
+  (``float.<name>``) every float tensor of the layer that a transform may have changed (AWQ's folded
+  norms and biases), which a resumed run puts back instead of the streamed originals.
 - ``activations.safetensors``: the calibration activations leaving the last finished layer (the
   next layer's inputs), exactly as the uninterrupted run had them, so a resumed run is bit-identical.
 
@@ -59,10 +61,16 @@ class ResumeState:
                 shutil.rmtree(directory)
         directory.mkdir(parents=True, exist_ok=True)
 
-    def save_layer(self, index: int, result: LayerResult, activations: list[torch.Tensor] | None) -> None:
+    def save_layer(
+        self,
+        index: int,
+        result: LayerResult,
+        activations: list[torch.Tensor] | None,
+        float_state: dict[str, torch.Tensor] | None = None,
+    ) -> None:
         if self.dir is None:
             return
-        tensors: dict[str, torch.Tensor] = {}
+        tensors: dict[str, torch.Tensor] = {f"float.{n}": t for n, t in (float_state or {}).items()}
         logs = {}
         for name, (qw, log) in result.items():
             tensors.update(
@@ -80,7 +88,8 @@ class ResumeState:
         tmp.write_text(json.dumps({"fingerprint": self.fp, "layers_done": index + 1}))
         os.replace(tmp, self.dir / "state.json")
 
-    def load_layer(self, index: int) -> LayerResult:
+    def load_layer(self, index: int) -> tuple[LayerResult, dict[str, torch.Tensor]]:
+        """The layer's quantized weights + logs, and its saved float tensors (name -> tensor)."""
         assert self.dir is not None
         path = self.dir / f"layer-{index:05d}.safetensors"
         tensors = load_file(str(path))
@@ -100,15 +109,11 @@ class ResumeState:
                 g_idx=tensors.get(f"{name}.g_idx"),
             )
             out[name] = (qw, ModuleLog(**log))
-        return out
+        float_state = {k[len("float.") :]: v for k, v in tensors.items() if k.startswith("float.")}
+        return out, float_state
 
     def load_activations(self) -> list[torch.Tensor] | None:
         if self.dir is None or not (self.dir / "activations.safetensors").is_file():
             return None
         tensors = load_file(str(self.dir / "activations.safetensors"))
         return [tensors[f"batch_{j}"] for j in range(len(tensors))]
-
-    def finish(self) -> None:
-        """Remove the directory once the final checkpoint is written."""
-        if self.dir is not None and self.dir.exists():
-            shutil.rmtree(self.dir)

@@ -104,7 +104,8 @@ def test_rtn_without_calibration(tiny_checkpoint, tmp_path, capsys) -> None:
     "argv,needle",
     [
         (["quantize", "/nonexistent/model", "-o", "OUT", "--method", "rtn"], "does not exist"),
-        (["quantize", "MODEL", "-o", "OUT", "--method", "rtn", "--asym"], "gptq_v2"),
+        (["quantize", "MODEL", "-o", "OUT", "--method", "rtn", "--asym", "--format", "gptq"], "gptq_v2"),
+        (["quantize", "MODEL", "-o", "OUT", "--method", "awq", "--format", "awq"], "ragged"),
         (["quantize", "MODEL", "-o", "OUT", "--calib", "/no/such/file.txt"], "no file exists"),
         (["quantize", "MODEL", "-o", "OUT", "--format", "exl2"], "exl2"),
         (["eval", "/nonexistent", "--text", "TEXT"], "does not exist"),

@@ -111,7 +111,10 @@ def test_awq_default_scheme_is_asym_4bit_g128():
 
 
 def test_method_names():
-    assert (RTNConfig.method, GPTQConfig.method, AWQConfig.method) == ("rtn", "gptq", "awq")
+    assert (RTNConfig.method, GPTQConfig.method, AWQConfig().method) == ("rtn", "gptq", "awq")
+    scheme = AWQConfig().scheme
+    assert AWQConfig(rounder=GPTQConfig(scheme)).method == "awq+gptq"
+    assert AWQConfig(rounder=RTNConfig(scheme)).method == "awq"
 
 
 # ---------------------------------------------------------------------------------- calibration

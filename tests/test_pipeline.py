@@ -10,6 +10,7 @@ from llmquant.arch import get_arch
 from llmquant.calibration import CalibrationBlocks, fingerprint
 from llmquant.config import GPTQConfig, QuantScheme, RTNConfig
 from llmquant.grid import quantize_weight
+from llmquant.methods import LayerPlan
 from llmquant.nn import QuantLinear
 
 SCHEME = QuantScheme(bits=4, group_size=32, sym=False)
@@ -201,7 +202,7 @@ def test_walker_reproduces_the_model_forward(make_tiny_llama, monkeypatch, attn,
     names = [f"model.layers.{i}.{n}" for i in range(3) for n in arch_names]
     hidden, module_ref = _reference_inputs(model, blocks, names)
     recorder = _RecordInputs()
-    monkeypatch.setattr(pipeline, "make_method", lambda _config: recorder)
+    monkeypatch.setattr(pipeline, "make_plan", lambda _config: LayerPlan([], recorder))
     pipeline.quantize(model, GPTQConfig(SCHEME), blocks, batch_size=4, progress=False)
     mask = blocks.attention_mask.bool()
     assert len(recorder.layer_inputs) == 3

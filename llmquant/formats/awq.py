@@ -47,6 +47,7 @@ class AWQGemm(CheckpointFormat):
     quant_method: ClassVar[str] = "awq"
     supported_bits: ClassVar[tuple[int, ...]] = (4,)
     marker_suffix: ClassVar[str] = "qweight"
+    allows_ragged_groups: ClassVar[bool] = False
 
     def check_scheme(self, scheme: QuantScheme, *, act_order: bool = False) -> None:
         super().check_scheme(scheme, act_order=act_order)

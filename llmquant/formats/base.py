@@ -54,6 +54,7 @@ class CheckpointFormat(abc.ABC):
     quant_method: ClassVar[str]
     supported_bits: ClassVar[tuple[int, ...]] = SUPPORTED_BITS
     marker_suffix: ClassVar[str]  # the tensor whose presence marks a quantized module
+    allows_ragged_groups: ClassVar[bool] = True  # K need not be a multiple of the group size
 
     # -- validation -------------------------------------------------------------------------------
     def check_scheme(self, scheme: QuantScheme, *, act_order: bool = False) -> None:
