@@ -80,6 +80,8 @@ def candidate_scales(x_mean: torch.Tensor, w_mean: torch.Tensor | None, alpha: f
         s = x_mean.pow(alpha).clamp(min=SCALE_FLOOR)
     else:
         s = (x_mean.pow(alpha) / (w_mean.float().pow(1 - alpha) + SCALE_FLOOR)).clamp(min=SCALE_FLOOR)
+    if s.max() - s.min() <= 1e-6 * s.max():  # a constant scale folds to nothing: exactly the identity
+        return torch.ones_like(s)
     return s / (s.max() * s.min()).sqrt()
 
 
@@ -176,20 +178,24 @@ def search_clip(
 
 def fold_scales_(smooth: nn.Module, balance: list[nn.Module], scales: torch.Tensor) -> None:
     """Divide ``smooth``'s outputs by ``scales`` and multiply the balanced linears' input columns by them
-    (in place; computed in float32, stored in each parameter's dtype). ``smooth`` is a norm (its weight
-    [K], and bias if any) or a linear (its output rows and bias)."""
-    s = scales.float().to(smooth.weight.device)
+    (in place; computed in float32 or the parameter's wider dtype, stored in each parameter's dtype).
+    ``smooth`` is a norm (its weight [K], and bias if any) or a linear (its output rows and bias)."""
     weight = smooth.weight.data
+
+    def work(t: torch.Tensor) -> torch.Tensor:
+        return t.to(torch.promote_types(t.dtype, torch.float32))
+
+    s = work(scales).to(weight.device)
     if weight.dim() == 1:  # RMSNorm / LayerNorm: y = w * x_hat (+ b)
-        smooth.weight.data = (weight.float() / s).to(weight.dtype)
+        smooth.weight.data = (work(weight) / s).to(weight.dtype)
     else:  # Linear: rows are output channels
-        smooth.weight.data = (weight.float() / s[:, None]).to(weight.dtype)
+        smooth.weight.data = (work(weight) / s[:, None]).to(weight.dtype)
     bias = getattr(smooth, "bias", None)
     if bias is not None:
-        smooth.bias.data = (bias.data.float() / s).to(bias.dtype)
+        smooth.bias.data = (work(bias.data) / s).to(bias.dtype)
     for linear in balance:
         w = linear.weight.data
-        linear.weight.data = (w.float() * s[None, :].to(w.device)).to(w.dtype)
+        linear.weight.data = (work(w) * s[None, :].to(w.device)).to(w.dtype)
 
 
 def clip_weight_(linear: nn.Module, plan: ClipPlan, group_size: int | None) -> None:

@@ -148,5 +148,10 @@ def quantize_weight(
 
 
 def fake_quantize(w: torch.Tensor, scheme: QuantScheme, *, mse: bool = False) -> torch.Tensor:
-    """quantize -> dequantize, in W's dtype."""
-    return quantize_weight(w, scheme, mse=mse).dequantize(w.dtype)
+    """quantize -> dequantize, in W's dtype (bit-identical to ``quantize_weight(...).dequantize()``,
+    computed on the grouped view without materializing codes, scales per column or g_idx)."""
+    n, k = w.shape
+    wg, _mask = _grouped(w.float(), scheme.effective_group_size(k))  # [N, G, gs]
+    scale, zero = group_qparams(wg, scheme.bits, scheme.sym, mse=mse, importance=_mask if mse else None)
+    q = quantize_codes(wg, scale, zero, scheme.bits)
+    return dequantize_codes(q, scale, zero).reshape(n, -1)[:, :k].to(w.dtype)

@@ -448,3 +448,12 @@ def test_sym_second_pass_changes_scale_as_explained(bits):
     expected = torch.where(used_code0, 2 * half * s1 / maxq, 2 * (half - 1) * s1 / maxq).half()
     assert torch.equal(q2.scales, expected)
     assert bool((q2.scales != q1.scales).all())
+
+
+@pytest.mark.parametrize("mse", [False, True])
+@pytest.mark.parametrize(
+    "scheme", [QuantScheme(4, 16, False), QuantScheme(4, 20, True), QuantScheme(3, None, False), QuantScheme(2, 7, True)]
+)
+def test_fake_quantize_equals_quantize_then_dequantize(scheme: QuantScheme, mse: bool) -> None:
+    w = torch.randn(9, 50) * torch.rand(50) * 3
+    assert torch.equal(fake_quantize(w, scheme, mse=mse), quantize_weight(w, scheme, mse=mse).dequantize())
