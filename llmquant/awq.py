@@ -42,6 +42,7 @@ class ScalePlan:
     alpha: float | None  # exponent of the winning candidate; None = the identity (s = 1) won
     loss: float  # search loss of the winning candidate
     loss_identity: float  # search loss of plain rounding (s = 1)
+    losses: tuple[float, ...] = ()  # search loss at a = 0, 1/n_grid, ... (in grid order)
 
 
 @dataclass(frozen=True)
@@ -100,13 +101,14 @@ def search_scales(
     ones = torch.ones_like(x_mean, dtype=torch.float32)
     loss_identity = float(loss_fn(ones))
     best = (loss_identity, None, ones)
+    losses = []
     for i in range(n_grid):
         alpha = i / n_grid
         s = candidate_scales(x_mean, w_mean, alpha)
-        loss = float(loss_fn(s))
-        if loss < best[0]:
-            best = (loss, alpha, s)
-    return ScalePlan(smooth, balance, best[2], best[1], best[0], loss_identity)
+        losses.append(float(loss_fn(s)))
+        if losses[-1] < best[0]:
+            best = (losses[-1], alpha, s)
+    return ScalePlan(smooth, balance, best[2], best[1], best[0], loss_identity, tuple(losses))
 
 
 def scaled_fake_quant(w: torch.Tensor, scales: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:

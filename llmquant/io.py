@@ -166,7 +166,30 @@ def _write_shards(
 
 def _save(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     save_file(tensors, str(path), metadata=metadata)
+    _canonical_header_(path)
     _fsync(path)
+
+
+def _canonical_header_(path: Path) -> None:
+    """Rewrite a safetensors header with its ``__metadata__`` keys sorted (in place, same length).
+
+    safetensors keeps metadata in a hash map whose iteration order varies between calls, so the same
+    tensors and metadata could give different bytes; sorted keys make every checkpoint reproducible
+    byte for byte (resumed runs included). Tensor entries are already written in a fixed order."""
+    with open(path, "r+b") as f:
+        n = int.from_bytes(f.read(8), "little")
+        raw = f.read(n)
+        header = json.loads(raw)
+        meta = header.get("__metadata__")
+        if not meta:
+            return
+        header["__metadata__"] = dict(sorted(meta.items()))
+        ordered = {"__metadata__": header.pop("__metadata__"), **header}
+        out = json.dumps(ordered, separators=(",", ":")).encode()
+        if len(out) > n:  # never expected: same content; keep the library's bytes rather than corrupt
+            return
+        f.seek(8)
+        f.write(out + b" " * (n - len(out)))
 
 
 def _write_json(path: Path, content: dict[str, Any]) -> None:

@@ -121,7 +121,10 @@ class AWQTransform:
             plans.append(plan)
             for name in mapping.balance:
                 notes[name].update(
-                    awq_alpha=plan.alpha, awq_loss=plan.loss, awq_loss_identity=plan.loss_identity
+                    awq_alpha=plan.alpha,
+                    awq_loss=plan.loss,
+                    awq_loss_identity=plan.loss_identity,
+                    awq_loss_alpha0=plan.losses[0],
                 )
         input_scales = self._fold(layer, plans)
         if self.config.clip:
@@ -147,7 +150,8 @@ class AWQTransform:
 
             def loss_fn(s: torch.Tensor) -> float:
                 E = W - scaled_fake_quant(W, s.to(W.device), self.scheme).float()  # [N, K]
-                return float(((E @ H) * E).sum()) / W.shape[0]
+                # H holds 2·XᵀX/tokens: this is the mean squared output error, as the replay's loss
+                return float(((E @ H) * E).sum()) / (2 * W.shape[0])
 
         else:
             inspect = layer.get_submodule(mapping.inspect)

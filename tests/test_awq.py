@@ -110,10 +110,14 @@ def test_group_hessian_blocks_pad_a_ragged_group_with_zeros() -> None:
     blocks = group_hessian_blocks(h, 8)  # groups 8, 8, 4 (+4 padding)
     assert blocks.shape == (3, 8, 8)
     assert torch.equal(blocks[1], h[8:16, 8:16])
-    assert torch.equal(blocks[2, :4, :4], h[16:, 16:]) and not blocks[2, 4:].any() and not blocks[2, :, 4:].any()
+    assert (
+        torch.equal(blocks[2, :4, :4], h[16:, 16:]) and not blocks[2, 4:].any() and not blocks[2, :, 4:].any()
+    )
 
 
-@pytest.mark.parametrize("scheme", [QuantScheme(4, 16, False), QuantScheme(4, 16, True), QuantScheme(3, 20, False)])
+@pytest.mark.parametrize(
+    "scheme", [QuantScheme(4, 16, False), QuantScheme(4, 16, True), QuantScheme(3, 20, False)]
+)
 def test_clip_search_lowers_the_output_error_and_is_the_rounders_grid(scheme: QuantScheme) -> None:
     g = torch.Generator().manual_seed(1)
     w = torch.randn(12, 56, generator=g)

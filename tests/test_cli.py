@@ -100,6 +100,25 @@ def test_rtn_without_calibration(tiny_checkpoint, tmp_path, capsys) -> None:
     assert (qcfg["checkpoint_format"], qcfg["group_size"], qcfg["sym"]) == ("gptq_v2", -1, False)
 
 
+@pytest.mark.parametrize("method", ["awq", "awq+gptq"])
+def test_awq_end_to_end(tiny_checkpoint, calib_text_file, tmp_path, capsys, method) -> None:
+    out_dir = tmp_path / "q"
+    argv = ["quantize", str(tiny_checkpoint), "-o", str(out_dir), "--method", method, "--group-size", "32"]
+    code, out, err = _run(
+        capsys, *argv, "--calib", str(calib_text_file), "--n-samples", "8", "--seqlen", "64"
+    )
+    assert code == 0, err
+    qcfg = json.loads((out_dir / "config.json").read_text())["quantization_config"]
+    assert (qcfg["quant_method"], qcfg["zero_point"], qcfg["group_size"]) == ("awq", True, 32)  # asym default
+    assert qcfg["meta"]["method_config"]["method"] == method
+    log = json.loads((out_dir / "quant_log.json").read_text())["modules"]
+    assert any(m["transform"] and m["transform"].get("awq_alpha") is not None for m in log)
+    code, out, _ = _run(
+        capsys, "eval", str(out_dir), "--text", str(calib_text_file), "--seqlen", "64", "--json"
+    )
+    assert code == 0 and json.loads(out)["perplexity"] > 1
+
+
 @pytest.mark.parametrize(
     "argv,needle",
     [

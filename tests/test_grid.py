@@ -452,7 +452,13 @@ def test_sym_second_pass_changes_scale_as_explained(bits):
 
 @pytest.mark.parametrize("mse", [False, True])
 @pytest.mark.parametrize(
-    "scheme", [QuantScheme(4, 16, False), QuantScheme(4, 20, True), QuantScheme(3, None, False), QuantScheme(2, 7, True)]
+    "scheme",
+    [
+        QuantScheme(4, 16, False),
+        QuantScheme(4, 20, True),
+        QuantScheme(3, None, False),
+        QuantScheme(2, 7, True),
+    ],
 )
 def test_fake_quantize_equals_quantize_then_dequantize(scheme: QuantScheme, mse: bool) -> None:
     w = torch.randn(9, 50) * torch.rand(50) * 3
