@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_pipeline import _blocks
 
 from llmquant import pipeline
 from llmquant.api import save_quantized
@@ -14,8 +15,6 @@ from llmquant.config import AWQConfig, GPTQConfig, QuantScheme, RTNConfig
 from llmquant.loading import from_pretrained
 from llmquant.source import LoadedModel
 from llmquant.transforms import AWQTransform, _masked_mse
-
-from test_pipeline import _blocks
 
 SCHEME = QuantScheme(bits=4, group_size=32, sym=False)
 
