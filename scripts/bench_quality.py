@@ -82,18 +82,21 @@ class RunSpec:
     """One row of the table: a quantizer configuration (or the float model)."""
 
     id: str
-    method: str  # "float", "rtn", "gptq"
+    method: str  # "float", "rtn", "gptq", "awq", "awq+gptq"
     group_size: int | None = None
     sym: bool = True
     act_order: bool = True  # llmquant's GPTQ defaults (ignored by rtn)
     static_groups: bool = True
     mse_clip: bool = False
     bits: int = 4
+    search_samples: int | None = None  # AWQ: sequences replayed per scale candidate (None: default)
 
     @property
     def format(self) -> str | None:
         if self.method == "float":
             return None
+        if self.method.startswith("awq") and self.bits == 4 and self.group_size and 576 % self.group_size == 0:
+            return "awq"  # AutoAWQ GEMM needs every K (576, 1536 here) divisible by the group size
         return "gptq" if self.sym else "gptq_v2"  # GPTQ v1 cannot store zero = 0: asym needs v2
 
     @property
@@ -101,7 +104,10 @@ class RunSpec:
         if self.method == "float":
             return "float16 checkpoint, evaluated in float32"
         parts = [f"w{self.bits} g{self.group_size} {'sym' if self.sym else 'asym'}"]
-        if self.method == "gptq":
+        if self.method.startswith("awq"):
+            parts.append("AWQ duo scaling n_grid 20" + (", clip" if self.method == "awq" else ""))
+            parts.append(f"search on {self.search_samples or 16} seqs")
+        if self.method in ("gptq", "awq+gptq"):
             parts.append(
                 "act_order" + ("+static_groups" if self.static_groups else "")
                 if self.act_order
@@ -109,16 +115,20 @@ class RunSpec:
             )
         if self.mse_clip:
             parts.append("mse_clip")
-        if self.method == "gptq":
+        if self.method in ("gptq", "awq+gptq"):
             parts.append("damp 0.01, true_sequential")
         return ", ".join(parts)
 
     def method_config(self) -> dict[str, Any]:
         """``config.to_dict() | {"method": ...}`` of the llmquant config (JSON, for the child)."""
-        from llmquant.config import GPTQConfig, QuantScheme, RTNConfig
+        from llmquant.config import AWQConfig, GPTQConfig, QuantScheme, RTNConfig
 
         scheme = QuantScheme(bits=self.bits, group_size=self.group_size, sym=self.sym)
-        if self.method == "rtn":
+        if self.method.startswith("awq"):
+            rounder = GPTQConfig(scheme=scheme) if self.method == "awq+gptq" else None
+            extra = {"search_samples": self.search_samples} if self.search_samples else {}
+            cfg = AWQConfig(scheme=scheme, rounder=rounder, **extra)
+        elif self.method == "rtn":
             cfg = RTNConfig(scheme=scheme, mse_clip=self.mse_clip)
         elif self.method == "gptq":
             cfg = GPTQConfig(
@@ -144,6 +154,16 @@ RUNS: list[RunSpec] = [
     RunSpec("gptq-g128-asym", "gptq", 128, False),
     RunSpec("gptq-g64-sym-noao", "gptq", 64, True, act_order=False, static_groups=False),
     RunSpec("gptq-g64-asym-mse", "gptq", 64, False, mse_clip=True),
+    RunSpec("awq-g64-asym", "awq", 64, False),
+    RunSpec("awq-g64-sym", "awq", 64, True),
+    RunSpec("awq-g128-asym", "awq", 128, False),
+    RunSpec("awq-g128-sym", "awq", 128, True),
+    RunSpec("awq-g64-asym-s8", "awq", 64, False, search_samples=8),
+    RunSpec("awq-g64-asym-s32", "awq", 64, False, search_samples=32),
+    RunSpec("awq+gptq-g64-asym", "awq+gptq", 64, False),
+    RunSpec("awq+gptq-g64-sym", "awq+gptq", 64, True),
+    RunSpec("awq+gptq-g128-asym", "awq+gptq", 128, False),
+    RunSpec("awq+gptq-g128-sym", "awq+gptq", 128, True),
 ]
 RUNS_BY_ID = {r.id: r for r in RUNS}
 QUICK_RUNS = ["float16", "rtn-g64-asym", "gptq-g64-sym"]
