@@ -100,7 +100,8 @@ def refusal(
 ) -> str | None:
     """Why ``target`` cannot hold these weights exactly, or None if it can (pure)."""
     if scheme.bits not in target.supported_bits:
-        return f"{target.name} stores {list(target.supported_bits)}-bit codes, these are {scheme.bits}-bit"
+        held = "/".join(str(b) for b in target.supported_bits)
+        return f"{target.name} stores {held}-bit codes, these are {scheme.bits}-bit"
     if inexact_scales:
         return inexact_scales
     try:
@@ -222,7 +223,7 @@ def _target_config(
     from .hub import describe_base
 
     meta = qc.get("meta") if isinstance(qc.get("meta"), dict) else {}
-    method = str(meta.get("method") or _DEFAULT_METHOD.get(fmt.quant_method, "unknown"))
+    method = str(meta.get("method") or "unknown")  # other tools do not record it (AWQ's scales are folded)
     extra = {k: meta[k] for k in _RUN_META if k in meta}
     for key in ("true_sequential", "damp_percent"):  # GPTQ run options, kept top-level by GPTQ configs
         if method == "gptq" and flags.get(key) is not None:
@@ -247,9 +248,6 @@ def _target_config(
     )
     out["meta"]["verified"] = True  # the directory only appears if the read-back check passes
     return out
-
-
-_DEFAULT_METHOD = {"gptq": "gptq", "awq": "awq"}
 
 
 def _files_to_copy(src: Path) -> list[Path]:
