@@ -238,17 +238,21 @@ def _loss_section(facts: Mapping[str, Any]) -> str:
     if damp is not None:
         if raised:
             rows = [(f"`{m['name']}`", f"{m['damp']:g}") for m in raised]
-            lines.append(f"Dampening raised above {damp:g} for {len(raised)} modules:\n")
+            lines.append(f"Dampening raised above {damp:g} for {_count(raised, 'module')}:\n")
             lines.append(_table([("module", "damp used")], rows))
         else:
             lines.append(f"Dampening: every module used the configured {damp:g}.\n")
     if fallbacks:
         rows = [(f"`{m['name']}`", str(m["fallback"])) for m in fallbacks]
-        lines.append(f"{len(fallbacks)} modules fell back to round-to-nearest:\n")
+        lines.append(f"{_count(fallbacks, 'module')} fell back to round-to-nearest:\n")
         lines.append(_table([("module", "reason")], rows))
     elif facts.get("method") == "gptq":
         lines.append("No module fell back to round-to-nearest.\n")
     return "\n".join(lines)
+
+
+def _count(items: Sequence[Any], noun: str) -> str:
+    return f"{len(items)} {noun}{'' if len(items) == 1 else 's'}"
 
 
 def runtime_support(facts: Mapping[str, Any]) -> list[tuple[str, bool, str]]:

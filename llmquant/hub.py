@@ -58,6 +58,8 @@ def describe_base(source: str | os.PathLike[str] | None, base_model: str | None 
     overrides the hub id. A local directory gives its safetensors size and, when its README.md has a
     YAML header, its ``license``; a hub id is taken as the base model's id.
     """
+    if base_model is not None and not card.is_repo_id(base_model):
+        raise ValueError(f"--base-model must be a hub model id like 'owner/name', got {base_model!r}")
     info: dict[str, Any] = {"base_model": base_model, "source": None, "license": None, "bytes": None}
     if source is None:
         return info
@@ -71,8 +73,6 @@ def describe_base(source: str | os.PathLike[str] | None, base_model: str | None 
         info["source"] = str(source)
         if info["base_model"] is None and card.is_repo_id(str(source)):
             info["base_model"] = str(source)
-    if info["base_model"] is not None and not card.is_repo_id(info["base_model"]):
-        raise ValueError(f"--base-model must be a hub model id like 'owner/name', got {info['base_model']!r}")
     return info
 
 
