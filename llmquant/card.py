@@ -338,7 +338,7 @@ def merge_evaluation(evaluations: Sequence[Mapping[str, Any]], new: Mapping[str,
 
 def _table(header: Sequence[tuple[str, ...]], rows: Sequence[tuple[str, ...]]) -> str:
     head = header[0]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = ["| " + " | ".join(_cell(c) for c in head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
 

@@ -161,6 +161,7 @@ def test_evaluations_go_to_the_body_and_model_index() -> None:
     assert results[0]["task"]["type"] == "text-generation"
     assert "| `wiki.test.raw` | 2 x 2048 | 23.4568 |  |  |" in text
     assert "| 22.5000 | 20.0000 | 0.01230 nats/token |" in text
+    assert "| KL(base \\|\\| quantized) |" in text  # escaped: a bare | would split the column
     assert first["command"] in text
 
 
@@ -225,6 +226,8 @@ def test_eval_update_card_records_the_measurement(tiny_checkpoint, calib_text_fi
         p.name: p.read_bytes() for p in out.iterdir() if p.name not in ("README.md", "eval_results.json")
     }
     assert after == before and inspect_checkpoint(out)["verified_now"] is True
+    modes = {(out / n).stat().st_mode & 0o777 for n in ("README.md", "eval_results.json", "config.json")}
+    assert len(modes) == 1  # the rewritten files get the same permissions as the others
 
 
 def test_update_card_leaves_a_users_card_alone(tiny_checkpoint, calib_text_file, tmp_path, capsys) -> None:
