@@ -262,6 +262,8 @@ def push_checkpoint(
     token = token or get_token()
     if not token:
         raise HubError("no hub token: set HF_TOKEN or log in with `hf auth login`")
+    readme = path / CARD_FILE
+    old_card = readme.read_text(encoding="utf-8") if readme.is_file() else None
     write_card(path, repo_id=repo_id, force=False)  # the load snippets name the repository
     files = _folder_files(path)
     api = HfApi(endpoint=endpoint or os.environ.get("HF_ENDPOINT") or constants.ENDPOINT, token=token)
@@ -269,6 +271,8 @@ def push_checkpoint(
     try:
         commit = _create_and_commit(api, repo_id, files, private, revision, message)
     except Exception as exc:
+        if old_card is not None:  # the folder's card names the repository only once it holds the files
+            _atomic_write(readme, old_card)
         raise _hub_error(exc, repo_id) from None
     logger.info("pushed %d files to %s in commit %s", len(files), repo_id, commit.oid)
     return {

@@ -347,7 +347,9 @@ def test_push_errors_are_one_line(hub, checkpoint, monkeypatch, capsys, setup, r
         hub.forbid = True
     elif setup == "unreachable":
         monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{_closed_port()}")
+    card = (checkpoint / "README.md").read_bytes()
     assert main(["push", str(checkpoint), repo]) == 2
+    assert (checkpoint / "README.md").read_bytes() == card  # a failed push leaves the folder as it was
     out, err = capsys.readouterr()
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("llmquant: error: ") and message in lines[0], err
