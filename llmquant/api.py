@@ -24,11 +24,21 @@ def save_quantized(
     format: str | None = None,
     tokenizer=None,
     max_shard_size: int = 4 * 2**30,
+    base_model: str | None = None,
+    push_to_hub: str | None = None,
+    private: bool = False,
 ) -> Path:
     """Write ``result`` as a checkpoint of ``format`` (atomic, verified by reading it back), with the
-    per-module log in ``quant_log.json``; then drop the run's resume directory. ``format`` None: the
-    method's natural format (``natural_format``)."""
+    per-module log in ``quant_log.json`` and the model card in ``README.md``; then drop the run's
+    resume directory. ``format`` None: the method's natural format (``natural_format``). ``base_model``:
+    the hub id the card names as the base model (default: the source's id when it was loaded from the
+    hub). ``push_to_hub="owner/name"``: then upload the checkpoint there in one commit
+    (``llmquant.hub.push_checkpoint``; ``private`` for a new repo)."""
+    from .hub import card_writer, check_repo_id, describe_base, push_checkpoint
     from .io import save_quantized as _save
+
+    if push_to_hub is not None:
+        check_repo_id(push_to_hub)  # before writing anything
 
     config = result.config
     if format is None:
@@ -37,6 +47,7 @@ def save_quantized(
     act_order = isinstance(rcfg, GPTQConfig) and rcfg.act_order
     static_groups = isinstance(rcfg, GPTQConfig) and rcfg.static_groups
     meta: dict[str, Any] = checkpoint_meta(config, result.logs) | {"calibration": result.calibration}
+    meta["base"] = describe_base(getattr(result.model.config, "_name_or_path", None) or None, base_model)
     path = _save(
         result.model,
         result.quantized,
@@ -50,11 +61,14 @@ def save_quantized(
         tokenizer=tokenizer,
         max_shard_size=max_shard_size,
         extra_files={"quant_log.json": {"modules": [log.__dict__ for log in result.logs]}},
+        finalize=card_writer(Path(out_dir).name, repo_id=push_to_hub),
     )
     if result.resume_dir is not None and result.resume_dir.exists():
         import shutil
 
         shutil.rmtree(result.resume_dir)
+    if push_to_hub is not None:
+        push_checkpoint(path, push_to_hub, private=private)
     return path
 
 
@@ -119,6 +133,7 @@ def quantize_checkpoint(
     device: str | None = None,
     batch_size: int = 8,
     resume: bool = True,
+    base_model: str | None = None,
 ) -> dict[str, Any]:
     """Stream-quantize the checkpoint at ``model_dir`` and save it to ``out_dir``; returns a summary."""
     from transformers import AutoTokenizer
@@ -132,6 +147,10 @@ def quantize_checkpoint(
     if format is None:
         format = natural_format(config, in_features)
     check_format(format, config, in_features)  # fail before hours of work
+    if base_model is not None:
+        from .hub import describe_base
+
+        describe_base(None, base_model)  # ValueError now, not after the run, if it is not a hub id
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
     except (OSError, ValueError, TypeError) as exc:
@@ -152,7 +171,7 @@ def quantize_checkpoint(
         batch_size=batch_size,
         resume_dir=resume_dir,
     )
-    path = save_quantized(result, out_dir, format=format, tokenizer=tokenizer)
+    path = save_quantized(result, out_dir, format=format, tokenizer=tokenizer, base_model=base_model)
     size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
     return {
         "path": path,

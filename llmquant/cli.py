@@ -1,4 +1,5 @@
-"""`llmquant quantize | eval | inspect` — argument parsing and printing only; the work is in the library.
+"""`llmquant quantize | eval | inspect | convert | push` — argument parsing and printing only; the work is
+in the library.
 
 User errors (missing paths, unsupported architectures, bad option combinations) print one line
 ``llmquant: error: ...`` and exit with status 2, without a traceback.
@@ -10,8 +11,23 @@ import argparse
 import json
 import logging
 import resource
+import shlex
 import sys
 import time
+
+# third-party loggers kept at ERROR (the hub client's HTTP loggers among them: they log requests)
+NOISY_LOGGERS = (
+    "transformers",
+    "accelerate",
+    "datasets",
+    "urllib3",
+    "httpx",
+    "httpx2",
+    "httpcore",
+    "httpcore2",
+    "filelock",
+    "huggingface_hub",
+)
 
 
 def _group_size(text: str) -> int | None:
@@ -103,6 +119,7 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default=None, help="compute device (default: cuda if available, else cpu)")
     p.add_argument("--batch-size", type=int, default=8, help="calibration sequences per forward")
     p.add_argument("--no-resume", action="store_true", help="start over even if OUT.partial exists")
+    p.add_argument("--base-model", default=None, help="hub id the model card names as the base model")
     p.set_defaults(func=_cmd_quantize)
 
 
@@ -132,6 +149,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         device=args.device,
         batch_size=args.batch_size,
         resume=not args.no_resume,
+        base_model=args.base_model,
     )
     rows = [
         ("output", str(summary["path"])),
@@ -158,15 +176,27 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--base", default=None, help="float checkpoint to compare against (perplexity + KL)")
     p.add_argument("--device", default=None)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument(
+        "--update-card",
+        action="store_true",
+        help="record the result (and this command) in the checkpoint's eval_results.json and model card",
+    )
     p.set_defaults(func=_cmd_eval)
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from .api import evaluate_checkpoint
 
+    if args.update_card:
+        _check_card_target(args.path)
     result = evaluate_checkpoint(
         args.path, args.text, base=args.base, windows=args.windows, seqlen=args.seqlen, device=args.device
     )
+    if args.update_card:
+        from .hub import record_evaluation
+
+        command = shlex.join(["llmquant", *args.argv])
+        record_evaluation(args.path, result, text=args.text, command=command, base=args.base)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
@@ -179,8 +209,18 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             ("base perplexity", f"{result['base_perplexity']:.4f}"),
             ("KL(base || quant)", f"{result['kl_divergence']:.5f} nats/token"),
         ]
+    if args.update_card:
+        rows.append(("model card", f"updated ({args.path}/README.md, eval_results.json)"))
     _print_table(rows)
     return 0
+
+
+def _check_card_target(path: str) -> None:
+    """--update-card needs a quantized checkpoint (checked before the evaluation runs)."""
+    from .io import read_config
+
+    if not read_config(path).get("quantization_config"):
+        raise ValueError(f"{path} is not a quantized checkpoint; --update-card needs one")
 
 
 def _add_inspect(sub: argparse._SubParsersAction) -> None:
@@ -203,6 +243,61 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_convert(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("convert", help="re-pack a quantized checkpoint into another format, losslessly")
+    p.add_argument("input", help="quantized checkpoint (llmquant's or another tool's)")
+    p.add_argument("-o", "--output", required=True, help="output directory (written atomically)")
+    p.add_argument("--format", required=True, help="gptq | gptq_v2 | awq | compressed-tensors")
+    p.add_argument("--base-model", default=None, help="hub id the model card names as the base model")
+    p.set_defaults(func=_cmd_convert)
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from .convert import convert_checkpoint
+
+    summary = convert_checkpoint(args.input, args.output, args.format, base_model=args.base_model)
+    scheme = summary["scheme"]
+    rows = [
+        ("output", str(summary["path"])),
+        ("format", f"{summary['from']} -> {summary['format']}"),
+        ("scheme", f"w{scheme.bits} g{scheme.group_size or 'channel'} {'sym' if scheme.sym else 'asym'}"),
+        ("quantized linears", str(summary["modules"])),
+        ("verified", "yes (read back: same integer codes, scales and zeros)"),
+    ]
+    _print_table(rows)
+    return 0
+
+
+def _add_push(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("push", help="upload a verified checkpoint to the model hub in one commit")
+    p.add_argument("path", help="checkpoint directory written by llmquant")
+    p.add_argument("repo_id", help="model repository, owner/name (created if missing)")
+    p.add_argument("--private", action="store_true", help="create the repository private")
+    p.add_argument("--revision", default=None, help="branch to commit to (created if missing; default main)")
+    p.add_argument("--commit-message", default=None)
+    p.set_defaults(func=_cmd_push)
+
+
+def _cmd_push(args: argparse.Namespace) -> int:
+    from .hub import push_checkpoint
+
+    info = push_checkpoint(
+        args.path,
+        args.repo_id,
+        private=args.private,
+        revision=args.revision,
+        commit_message=args.commit_message,
+    )
+    rows = [
+        ("repository", info["repo_id"]),
+        ("revision", info["revision"]),
+        ("commit", info["commit_url"]),
+        ("files", str(len(info["files"]))),
+    ]
+    _print_table(rows)
+    return 0
+
+
 def _print_table(rows: list[tuple[str, str]]) -> None:
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
@@ -220,20 +315,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_quantize(sub)
     _add_eval(sub)
     _add_inspect(sub)
+    _add_convert(sub)
+    _add_push(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # the exact command, for eval --update-card
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
-    for noisy in ("transformers", "accelerate", "datasets", "urllib3", "httpx", "filelock"):
+    for noisy in NOISY_LOGGERS:
         logging.getLogger(noisy).setLevel(logging.ERROR)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as exc:
+    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as exc:  # HubError too
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         print(f"llmquant: error: {message}", file=sys.stderr)
         return 2

@@ -319,6 +319,7 @@ def save_quantized(
     tokenizer: Any = None,
     max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
     extra_files: dict[str, dict[str, Any]] | None = None,
+    finalize: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write ``model`` with the modules in ``quantized`` packed in ``format``; verify by reading back.
 
@@ -330,7 +331,8 @@ def save_quantized(
     derived from them (``stores_permutation``). The checkpoint is read back before it is moved into
     place: every quantized module must unpack to a bit-identical weight and every other tensor must
     match exactly, otherwise :class:`CheckpointVerificationError` is raised and nothing is left at
-    ``out_dir``.
+    ``out_dir``. ``finalize(tmp_dir)`` runs after a successful verification, before the rename: it may
+    add files computed from the written checkpoint (the model card).
     """
     fmt = get_format(format)
     fmt.check_scheme(scheme, act_order=stores_permutation(act_order, static_groups))
@@ -367,6 +369,8 @@ def save_quantized(
 
     def verify(tmp: Path) -> None:
         _verify_checkpoint(tmp, fmt, scheme, quantized, plain, set(packed))
+        if finalize is not None:
+            finalize(tmp)
 
     metadata = {"llmquant_version": llmquant_version(), "quantization_format": fmt.name}
     with tempfile.TemporaryDirectory() as tok_dir:
