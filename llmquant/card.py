@@ -228,9 +228,10 @@ def _loss_section(facts: Mapping[str, Any]) -> str:
     modules = facts.get("modules")
     if not modules:
         return "No per-module log came with this checkpoint (`quant_log.json` is absent).\n"
-    damp = (facts.get("method_config") or {}).get("damp")
+    method_config = facts.get("method_config") or {}
+    damp = method_config.get("damp", (method_config.get("rounder") or {}).get("damp"))
     worst, raised, fallbacks = loss_summary(modules, damp)
-    lines = [f"From `quant_log.json` ({len(modules)} modules).\n"]
+    lines = [f"From `quant_log.json` ({len(modules)} modules).\n", *_awq_lines(modules)]
     if worst:
         lines.append(f"Largest method losses (the {len(worst)} worst of {len(modules)}):\n")
         lines.append(_table([("module", "loss")], [(f"`{m['name']}`", f"{m['loss']:.4g}") for m in worst]))
@@ -250,6 +251,50 @@ def _loss_section(facts: Mapping[str, Any]) -> str:
     elif facts.get("method") in ("gptq", "awq+gptq"):
         lines.append("No module fell back to round-to-nearest.\n")
     return "\n".join(lines)
+
+
+def awq_summary(modules: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
+    """What AWQ did, from the ``transform`` notes of quant_log.json rows (None if no transform ran)."""
+    notes = [m["transform"] for m in modules if m.get("transform")]
+    if not notes:
+        return None
+    searched = [n for n in notes if "awq_loss" in n]
+    scaled = [n for n in searched if n.get("awq_alpha") is not None]
+    skipped: dict[str, int] = {}
+    for n in notes:
+        if n.get("awq_skipped"):
+            skipped[n["awq_skipped"]] = skipped.get(n["awq_skipped"], 0) + 1
+    clipped = [n for n in notes if "clip_loss" in n]
+    gains = [1 - n["clip_loss"] / n["clip_loss_unclipped"] for n in clipped if n["clip_loss_unclipped"] > 0]
+    alphas = sorted(n["awq_alpha"] for n in scaled)
+    return {
+        "searched": len(searched),
+        "scaled": len(scaled),
+        "median_alpha": alphas[len(alphas) // 2] if alphas else None,
+        "skipped": skipped,
+        "clipped": len(clipped),
+        "mean_clip_gain": sum(gains) / len(gains) if gains else None,
+    }
+
+
+def _awq_lines(modules: Sequence[Mapping[str, Any]]) -> list[str]:
+    summary = awq_summary(modules)
+    if summary is None:
+        return []
+    lines = [
+        f"AWQ searched scales for {_count(range(summary['searched']), 'linear')}; "
+        f"{summary['scaled']} got scales (median exponent {summary['median_alpha']}), the rest kept "
+        "plain rounding (the identity scored best).\n"
+    ]
+    for reason, count in sorted(summary["skipped"].items()):
+        lines.append(f"Skipped for {_count(range(count), 'linear')}: {reason}.\n")
+    if summary["clipped"]:
+        gain = summary["mean_clip_gain"]
+        lines.append(
+            f"Clipping searched for {_count(range(summary['clipped']), 'linear')}"
+            + (f"; mean reduction of the group output error {gain:.1%}.\n" if gain is not None else ".\n")
+        )
+    return lines
 
 
 def _count(items: Sequence[Any], noun: str) -> str:

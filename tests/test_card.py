@@ -263,3 +263,24 @@ def test_card_is_written_inside_the_atomic_save(make_tiny_llama, tmp_path, monke
     with pytest.raises(RuntimeError, match="card failed"):
         save_quantized(result, tmp_path / "q", format="gptq")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_awq_summary_counts_what_the_transform_did() -> None:
+    from llmquant.card import awq_summary
+
+    modules = [
+        {"name": "q", "transform": {"awq_alpha": 0.5, "awq_loss": 1.0, "awq_loss_identity": 2.0}},
+        {"name": "k", "transform": {"awq_alpha": None, "awq_loss": 2.0, "awq_loss_identity": 2.0}},
+        {"name": "o", "transform": {"awq_skipped": "GQA", "clip_loss": 1.0, "clip_loss_unclipped": 4.0}},
+        {"name": "down", "transform": None},
+    ]
+    s = awq_summary(modules)
+    assert s == {
+        "searched": 2,
+        "scaled": 1,
+        "median_alpha": 0.5,
+        "skipped": {"GQA": 1},
+        "clipped": 1,
+        "mean_clip_gain": 0.75,
+    }
+    assert awq_summary([{"name": "q", "transform": None}]) is None
