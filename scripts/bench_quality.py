@@ -95,8 +95,9 @@ class RunSpec:
     def format(self) -> str | None:
         if self.method == "float":
             return None
-        if self.method.startswith("awq") and self.bits == 4 and self.group_size and 576 % self.group_size == 0:
-            return "awq"  # AutoAWQ GEMM needs every K (576, 1536 here) divisible by the group size
+        divides = self.group_size is not None and 576 % self.group_size == 0  # SmolLM2's K: 576, 1536
+        if self.method.startswith("awq") and self.bits == 4 and divides:
+            return "awq"  # AutoAWQ GEMM needs every K divisible by the group size
         return "gptq" if self.sym else "gptq_v2"  # GPTQ v1 cannot store zero = 0: asym needs v2
 
     @property
