@@ -117,7 +117,9 @@ def test_awq_g64_asym_roundtrip_and_beats_rtn(smollm2_path, calib_blocks, wikite
     from llmquant.config import AWQConfig
 
     scheme = QuantScheme(4, 64, False)
-    result = pipeline.quantize(smollm2_path, AWQConfig(scheme, search_samples=4), calib_blocks, progress=False)
+    result = pipeline.quantize(
+        smollm2_path, AWQConfig(scheme, search_samples=4), calib_blocks, progress=False
+    )
     skipped = [log for log in result.logs if log.transform and log.transform.get("awq_skipped")]
     assert len(skipped) == 30 and all(log.name.endswith("o_proj") for log in skipped)  # GQA: v -> o
     path = save_quantized(result, tmp_path / "awq", format="awq")
