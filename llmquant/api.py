@@ -78,6 +78,8 @@ def quantize_checkpoint(
         raise FileNotFoundError(f"model directory {model_dir} does not exist")
     act_order = isinstance(config, GPTQConfig) and config.act_order and not config.static_groups
     get_format(format).check_scheme(config.scheme, act_order=act_order)  # fail before hours of work
+    for note in get_format(format).engine_notes(config.scheme, act_order=act_order):
+        logger.warning(note)  # where this checkpoint will not run as is, and what runs there
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
     except (OSError, ValueError, TypeError) as exc:

@@ -77,6 +77,22 @@ class CompressedTensorsPacked(CheckpointFormat):
             schema["weight_g_idx"] = ((in_features,), torch.int32)
         return schema
 
+    def engine_notes(self, scheme: QuantScheme, *, act_order: bool = False) -> list[str]:
+        """transformers + compressed-tensors 0.18-0.20.1 and asym; vLLM 0.32 and ``actorder: group``."""
+        notes = []
+        if not scheme.sym:
+            notes.append(
+                "transformers with compressed-tensors 0.18-0.20.1 loads asym pack-quantized only with "
+                "quantization_config=CompressedTensorsConfig(dequantize=True) (size mismatch otherwise); "
+                "vLLM loads it as is"
+            )
+        if act_order and scheme.group_size is not None:
+            notes.append(
+                "vLLM refuses compressed-tensors actorder 'group' (a weight_g_idx permutation); "
+                "drop --no-static-groups for vLLM"
+            )
+        return notes
+
     def pack(
         self, qw: QuantizedWeight, *, scheme: QuantScheme | None = None, act_order: bool | None = None
     ) -> dict[str, torch.Tensor]:

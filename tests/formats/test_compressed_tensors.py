@@ -161,3 +161,12 @@ def test_unpack_rejects_bad_zero_points() -> None:
         CT.unpack(dict(out, weight_zero_point=torch.full((16, 2), 8, dtype=torch.int8)), scheme, 16, 64)
     with pytest.raises(ValueError, match="no 'weight_zero_point'"):
         CT.unpack({k: v for k, v in out.items() if k != "weight_zero_point"}, scheme, 16, 64)
+
+
+def test_engine_notes() -> None:
+    assert CT.engine_notes(QuantScheme(4, 64, sym=True)) == []
+    assert CT.engine_notes(QuantScheme(4, None, sym=True), act_order=True) == []  # channel: no g_idx
+    (asym,) = CT.engine_notes(QuantScheme(4, 64, sym=False))
+    assert "CompressedTensorsConfig(dequantize=True)" in asym and "vLLM loads it as is" in asym
+    (perm,) = CT.engine_notes(QuantScheme(4, 64, sym=True), act_order=True)
+    assert "actorder 'group'" in perm
