@@ -83,7 +83,9 @@ def test_eval_tasks_runs_a_local_task_on_the_quantized_model(
     assert any(isinstance(m, QuantLinear) for m in model.modules())
 
 
-def test_eval_tasks_limit_and_unknown_task(quantized_tiny: Path, smoke_task: Path, capsys, monkeypatch) -> None:
+def test_eval_tasks_limit_and_unknown_task(
+    quantized_tiny: Path, smoke_task: Path, capsys, monkeypatch
+) -> None:
     pytest.importorskip("lm_eval")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     from llmquant.harness import evaluate_tasks
