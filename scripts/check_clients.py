@@ -466,7 +466,8 @@ def write_doc(path: Path, rows: list[Row], table: str, clients: list[Client], ar
     cmd = "python scripts/check_clients.py" + ("" if not argv else " " + " ".join(argv))
     versions = {}
     for row in rows:
-        versions.setdefault(row.client, row.versions or versions.get(row.client, {}))
+        if row.versions:
+            versions.setdefault(row.client, row.versions)
     lines = [
         "# Where our checkpoints run: measured in the real clients",
         "",
