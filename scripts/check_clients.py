@@ -141,19 +141,28 @@ def main(argv: list[str] | None = None) -> int:
     clients = [CLIENTS[n] for n in (args.clients or list(CLIENTS))]
     paths = build_checkpoints(ckpts, work / "checkpoints", rebuild=args.rebuild)
     tokenizer_ids = encode_prompts(paths[ckpts[0][0]])
+    done = load_rows(work / "rows.jsonl") if args.resume else {}
+    if not args.resume:
+        (work / "rows.jsonl").unlink(missing_ok=True)
     rows, built = [], {}
     for client in clients:
-        built[client.name] = ensure_client(client, work / "logs")
         for name, fmt, _sym in ckpts:
             for run_fmt, mode in client.runs:
-                if run_fmt == fmt:
-                    row = Row(name, client.name, mode, client.dtype, path=str(paths[name]))
-                    rows.append(run_pair(client, row, paths[name], tokenizer_ids, work, built[client.name]))
-                    print(format_row(row), flush=True)
-    table = render_table(rows)
-    print("\n" + table)
+                if run_fmt != fmt:
+                    continue
+                if (name, client.name, mode) in done:  # measured by an interrupted earlier invocation
+                    rows.append(done[(name, client.name, mode)])
+                    continue
+                if client.name not in built:
+                    built[client.name] = ensure_client(client, work / "logs")
+                row = Row(name, client.name, mode, client.dtype, path=str(paths[name]))
+                rows.append(run_pair(client, row, paths[name], tokenizer_ids, work, built[client.name]))
+                save_row(work / "rows.jsonl", row)
+                print(format_row(row), flush=True)
+                if not args.no_write:  # the doc so far: an interrupted run still leaves its rows
+                    write_doc(Path(args.doc), rows, render_table(rows), clients, argv)
+    print("\n" + render_table(rows))
     if not args.no_write:
-        write_doc(Path(args.doc), rows, table, clients, argv)
         print(f"wrote {args.doc}")
     return 0
 
@@ -166,7 +175,22 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--doc", default=str(REPO / "docs" / "clients.md"))
     p.add_argument("--no-write", action="store_true", help="print the table only")
     p.add_argument("--rebuild", action="store_true", help="quantize the checkpoints again")
+    p.add_argument(
+        "--resume", action="store_true", help="keep the rows an interrupted run saved in WORK/rows.jsonl"
+    )
     return p.parse_args(argv)
+
+
+def save_row(path: Path, row: Row) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(row.__dict__) + "\n")
+
+
+def load_rows(path: Path) -> dict[tuple[str, str, str], Row]:
+    if not path.is_file():
+        return {}
+    rows = [Row(**json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
+    return {(r.checkpoint, r.client, r.mode): r for r in rows}
 
 
 # -- clients -----------------------------------------------------------------------------------------
