@@ -151,6 +151,12 @@ def quantize_checkpoint(
         from .hub import describe_base
 
         describe_base(None, base_model)  # ValueError now, not after the run, if it is not a hub id
+    from .formats import stores_permutation
+
+    rcfg = rounder_config(config)
+    act_order = isinstance(rcfg, GPTQConfig) and stores_permutation(rcfg.act_order, rcfg.static_groups)
+    for note in get_format(format).engine_notes(config.scheme, act_order=act_order):
+        logger.warning(note)  # where this checkpoint will not run as is, and what runs there
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
     except (OSError, ValueError, TypeError) as exc:

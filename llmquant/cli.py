@@ -168,9 +168,12 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="perplexity (and KL vs a float model) on a text file")
+    p = sub.add_parser("eval", help="perplexity (and KL vs a float model) on a text file, or lm-eval tasks")
     p.add_argument("path", help="quantized checkpoint (or a float HF checkpoint)")
-    p.add_argument("--text", required=True, help="UTF-8 text file, e.g. wikitext-2 wiki.test.raw")
+    p.add_argument("--text", help="UTF-8 text file, e.g. wikitext-2 wiki.test.raw")
+    p.add_argument("--tasks", help="comma-separated lm-eval tasks (needs the [eval] extra) instead of --text")
+    p.add_argument("--include-path", default=None, help="folder of extra lm-eval task YAML files")
+    p.add_argument("--limit", type=int, default=None, help="lm-eval: first N documents of each task")
     p.add_argument("--windows", type=int, default=None, help="evaluate only the first N windows")
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--base", default=None, help="float checkpoint to compare against (perplexity + KL)")
@@ -186,6 +189,11 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from .api import evaluate_checkpoint
+
+    if args.tasks:
+        return _cmd_tasks(args)
+    if not args.text:
+        raise ValueError("eval needs --text FILE (perplexity) or --tasks NAMES (lm-eval)")
 
     if args.update_card:
         _check_card_target(args.path)
@@ -221,6 +229,22 @@ def _check_card_target(path: str) -> None:
 
     if not read_config(path).get("quantization_config"):
         raise ValueError(f"{path} is not a quantized checkpoint; --update-card needs one")
+
+
+def _cmd_tasks(args: argparse.Namespace) -> int:
+    from .harness import evaluate_tasks
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    results = evaluate_tasks(
+        args.path, tasks, include_path=args.include_path, limit=args.limit, device=args.device
+    )
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return 0
+    _print_table(
+        [(f"{task} {metric}", f"{value:.4f}") for task, m in results.items() for metric, value in m.items()]
+    )
+    return 0
 
 
 def _add_inspect(sub: argparse._SubParsersAction) -> None:

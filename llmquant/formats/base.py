@@ -126,6 +126,11 @@ class CheckpointFormat(abc.ABC):
         """Name of the registered format that reads this config (same ``quant_method``) or ValueError."""
         return cls.name
 
+    def engine_notes(self, scheme: QuantScheme, *, act_order: bool = False) -> list[str]:
+        """One line per serving engine that cannot run (or needs an option for) this format + scheme,
+        naming what does run there; measured with ``scripts/check_clients.py`` (docs/clients.md)."""
+        return []
+
     def extra_files(self, quantization_config: dict[str, Any]) -> dict[str, dict[str, Any]]:
         """Additional JSON files to write beside config.json (file name -> content)."""
         return {}

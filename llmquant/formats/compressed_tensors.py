@@ -7,7 +7,16 @@ Tensors per linear (features.md B4), N = out_features, K = in_features, G = ceil
   ``q_u = q_signed + 2**(b-1)`` in both the sym and the asym case, the stored value is simply ``q_u``.
 - ``weight_scale``      float16 [N, G] ([N, 1] for the ``channel`` strategy).
 - ``weight_zero_point`` int32 [ceil(N*b/32), G]: asym only, packed along dim 0 (N); stored value =
-  ``zp_signed + 2**(b-1)`` = our raw unsigned zero.
+  ``zp_signed + 2**(b-1)`` = our raw unsigned zero. This is what compressed-tensors' own compressor writes
+  since its zero-point packing (compressed-tensors PR #296, 2025; ``PackedQuantizationCompressor.compress``)
+  and what vLLM allocates (``CompressedTensorsWNA16.create_weights``: ``[ceil(N*b/32), G]`` int32,
+  ``packed_dim=0``). ``unpack`` also reads the older convention, an unpacked ``[N, G]`` int8 tensor of
+  signed zero points (``zp_signed`` in ``[-2**(b-1), 2**(b-1))``), that releases before it wrote.
+  Loading ours through transformers: compressed-tensors 0.18-0.20.1 build the module with an unpacked
+  ``[N, G]`` zero point on the meta device (their ``compress`` packs it only for real tensors), so
+  transformers refuses the packed tensor as a size mismatch, while an unpacked one loads but decompresses
+  as if packed (wrong weights). ``CompressedTensorsConfig(dequantize=True)`` (decompress at load, through
+  the same compressor) reads the packed layout correctly there, and releases up to 0.17 need nothing.
 - ``weight_shape``      int64 [2] = [N, K].
 - ``weight_g_idx``      int32 [K]: only with ``actorder: "group"`` (an act-order permutation).
 
@@ -68,6 +77,22 @@ class CompressedTensorsPacked(CheckpointFormat):
             schema["weight_g_idx"] = ((in_features,), torch.int32)
         return schema
 
+    def engine_notes(self, scheme: QuantScheme, *, act_order: bool = False) -> list[str]:
+        """transformers + compressed-tensors 0.18-0.20.1 and asym; vLLM 0.32 and ``actorder: group``."""
+        notes = []
+        if not scheme.sym:
+            notes.append(
+                "transformers with compressed-tensors 0.18-0.20.1 loads asym pack-quantized only with "
+                "quantization_config=CompressedTensorsConfig(dequantize=True) (size mismatch otherwise); "
+                "vLLM loads it as is"
+            )
+        if act_order and scheme.group_size is not None:
+            notes.append(
+                "vLLM refuses compressed-tensors actorder 'group' (a weight_g_idx permutation); "
+                "drop --no-static-groups for vLLM"
+            )
+        return notes
+
     def pack(
         self, qw: QuantizedWeight, *, scheme: QuantScheme | None = None, act_order: bool | None = None
     ) -> dict[str, torch.Tensor]:
@@ -95,6 +120,7 @@ class CompressedTensorsPacked(CheckpointFormat):
         """QuantizedWeight from pack-quantized tensors (ours or llm-compressor's)."""
         act_order = "weight_g_idx" in tensors
         schema = self.tensor_schema(out_features, in_features, scheme, act_order=act_order)
+        schema.pop("weight_zero_point", None)  # two conventions, checked by _read_zero_point
         self.check_shapes(tensors, schema, optional=("weight_shape",))
         if "weight_shape" in tensors and tensors["weight_shape"].tolist() != [out_features, in_features]:
             raise ValueError(
@@ -105,7 +131,9 @@ class CompressedTensorsPacked(CheckpointFormat):
         if scheme.sym:
             zeros = torch.full((out_features, g), 1 << (b - 1), dtype=torch.uint8)
         else:
-            zeros = bitpack.unpack(tensors["weight_zero_point"], b, out_features, dim=0)  # [N, G]
+            if "weight_zero_point" not in tensors:
+                raise ValueError(f"{self.name}: asymmetric scheme but no 'weight_zero_point' tensor")
+            zeros = _read_zero_point(tensors["weight_zero_point"], b, out_features, g)
         g_idx = None
         if act_order:
             g_idx = read_g_idx(tensors["weight_g_idx"], in_features, scheme)
@@ -210,6 +238,26 @@ class CompressedTensorsPacked(CheckpointFormat):
             "meta": meta,
         }
         return scheme, flags
+
+
+def _read_zero_point(zp: torch.Tensor, bits: int, out_features: int, groups: int) -> torch.Tensor:
+    """Unsigned zeros [N, G] from a packed ``[ceil(N*b/32), G]`` int32 zero point (current) or an unpacked
+    ``[N, G]`` integer one holding signed values (compressed-tensors before zero-point packing)."""
+    packed_rows = bitpack.packed_length(out_features, bits)
+    if zp.dtype == torch.int32 and tuple(zp.shape) == (packed_rows, groups):
+        return bitpack.unpack(zp, bits, out_features, dim=0)  # [N*b/32, G] -> [N, G]
+    if tuple(zp.shape) == (out_features, groups) and not zp.is_floating_point():
+        half = 1 << (bits - 1)
+        lo, hi = int(zp.min()), int(zp.max())
+        if lo < -half or hi >= half:
+            raise ValueError(
+                f"unpacked weight_zero_point holds [{lo}, {hi}], outside the signed {bits}-bit range"
+            )
+        return (zp.to(torch.int16) + half).to(torch.uint8).contiguous()  # signed -> unsigned
+    raise ValueError(
+        f"compressed-tensors: weight_zero_point has shape {tuple(zp.shape)} ({zp.dtype}), expected packed "
+        f"({packed_rows}, {groups}) int32 or unpacked ({out_features}, {groups})"
+    )
 
 
 def _actorder(scheme: QuantScheme, act_order: bool, static_groups: bool) -> str | None:

