@@ -114,7 +114,7 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
         "--search-samples",
         type=int,
         default=None,
-        help="calibration sequences replayed per scale candidate (default 16; statistics use all)",
+        help="calibration sequences replayed per scale candidate (default 8; statistics use all)",
     )
     p.add_argument("--device", default=None, help="compute device (default: cuda if available, else cpu)")
     p.add_argument("--batch-size", type=int, default=8, help="calibration sequences per forward")

@@ -89,7 +89,7 @@ class RunSpec:
     static_groups: bool = True
     mse_clip: bool = False
     bits: int = 4
-    search_samples: int | None = None  # AWQ: sequences replayed per scale candidate (None: default)
+    search_samples: int | None = None  # AWQ: sequences replayed per scale candidate (None: default, 8)
 
     @property
     def format(self) -> str | None:
@@ -107,7 +107,7 @@ class RunSpec:
         parts = [f"w{self.bits} g{self.group_size} {'sym' if self.sym else 'asym'}"]
         if self.method.startswith("awq"):
             parts.append("AWQ duo scaling n_grid 20" + (", clip" if self.method == "awq" else ""))
-            parts.append(f"search on {self.search_samples or 16} seqs")
+            parts.append(f"search on {self.search_samples or 8} seqs")
         if self.method in ("gptq", "awq+gptq"):
             parts.append(
                 "act_order" + ("+static_groups" if self.static_groups else "")
@@ -159,7 +159,7 @@ RUNS: list[RunSpec] = [
     RunSpec("awq-g64-sym", "awq", 64, True),
     RunSpec("awq-g128-asym", "awq", 128, False),
     RunSpec("awq-g128-sym", "awq", 128, True),
-    RunSpec("awq-g64-asym-s8", "awq", 64, False, search_samples=8),
+    RunSpec("awq-g64-asym-s16", "awq", 64, False, search_samples=16),
     RunSpec("awq-g64-asym-s32", "awq", 64, False, search_samples=32),
     RunSpec("awq+gptq-g64-asym", "awq+gptq", 64, False),
     RunSpec("awq+gptq-g64-sym", "awq+gptq", 64, True),
