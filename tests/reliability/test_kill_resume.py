@@ -1,5 +1,6 @@
-"""`kill -9` of a real `llmquant quantize` process at several points, then the same command again: the result
-must be byte-identical to an uninterrupted run (AWQ, whose resume state also holds the folded float tensors)."""
+"""`kill -9` of a real `llmquant quantize` process at several points, then the same command again: the
+result must be byte-identical to an uninterrupted run (AWQ, whose resume state also holds the folded float
+tensors)."""
 
 from __future__ import annotations
 
