@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from .config import CalibrationConfig, GPTQConfig, MethodConfig
-from .errors import FormatError, ModelConfigError
+from .errors import CheckpointError, FormatError, ModelConfigError
 from .formats import get_format
 from .methods import METHODS, checkpoint_meta, rounder_config
 from .pipeline import QuantizationResult, quantize
@@ -302,6 +302,7 @@ def inspect_checkpoint(path: str | Path) -> dict[str, Any]:
     """Format, scheme, per-module tensor shapes, and a fresh verification (every module unpacks and
     its tensors match the format's schema)."""
     from .formats import detect_format
+    from .formats.base import unpack_module
     from .io import load_tensors, read_checkpoint_index, read_config
 
     path = Path(path)
@@ -317,8 +318,12 @@ def inspect_checkpoint(path: str | Path) -> dict[str, Any]:
         keys = [k for k in index if k.rpartition(".")[0] == name]
         tensors = {k.rpartition(".")[2]: v for k, v in load_tensors(path, keys).items()}
         tensors.pop("bias", None)
-        n, k = _shape_of(fmt, tensors, scheme)
-        qw = fmt.unpack(tensors, scheme, n, k)
+        where = f"{name} in {index[keys[0]]}"
+        try:
+            n, k = _shape_of(fmt, tensors, scheme)
+        except (KeyError, IndexError, ValueError, TypeError) as exc:
+            raise CheckpointError(f"{where}: missing or misshapen tensors ({exc})") from exc
+        qw = unpack_module(fmt, tensors, scheme, n, k, where)
         modules.append(
             {
                 "name": name,

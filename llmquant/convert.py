@@ -28,7 +28,7 @@ import torch
 from .config import QuantScheme
 from .errors import CheckpointError, LlmquantError, ModelNotFoundError, OptionError
 from .formats import CheckpointFormat, detect_format, get_format
-from .formats.base import llmquant_version
+from .formats.base import llmquant_version, unpack_module
 from .io import (
     CONFIG_FILE,
     DEFAULT_MAX_SHARD_SIZE,
@@ -129,7 +129,8 @@ class _SourceWeights(Mapping[str, QuantizedWeight]):
         return {k.rpartition(".")[2]: v for k, v in load_tensors(self.path, self.keys_of[name]).items()}
 
     def __getitem__(self, name: str) -> QuantizedWeight:
-        return self.fmt.unpack(self.tensors(name), self.scheme, *self.shapes[name])
+        where = f"{name} in {self.path}"
+        return unpack_module(self.fmt, self.tensors(name), self.scheme, *self.shapes[name], where)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.shapes)
@@ -202,7 +203,7 @@ def _check_convertible(weights: _SourceWeights, target, scheme, src: Path, fmt) 
     for name in weights:
         tensors = weights.tensors(name)
         inexact = inexact or _inexact_scales(name, tensors)
-        qw = weights.fmt.unpack(tensors, scheme, *weights.shapes[name])
+        qw = unpack_module(weights.fmt, tensors, scheme, *weights.shapes[name], f"{name} in {src}")
         permuted = permuted or not qw.has_trivial_g_idx()
     why = refusal(target, scheme, weights.shapes, permuted=permuted, inexact_scales=inexact)
     if why is not None:
