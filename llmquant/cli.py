@@ -47,14 +47,12 @@ class _HelpFormatter(argparse.HelpFormatter):
     """Appends ``(default: X)`` to every option whose help does not state its default already."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        if (
-            "default" in text
-            or not action.option_strings
-            or action.default in (None, False, argparse.SUPPRESS)
-        ):
+        text, default = action.help or "", action.default
+        if "default" in text or not action.option_strings or default is None or default is False:
             return text
-        if action.default is True:
+        if default is argparse.SUPPRESS:
+            return text
+        if default is True:
             return f"{text} (default: on)"
         return f"{text} (default: %(default)s)"
 
@@ -171,7 +169,9 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--device", default=None, help="compute device (default: cuda if available, else cpu)")
     p.add_argument("--batch-size", type=int, default=8, help="calibration sequences per forward")
-    p.add_argument("--base-model", default=None, help="hub id the model card names as the base model")
+    p.add_argument(
+        "--base-model", default=None, help="hub id the model card names as the base model (default: none)"
+    )
     p.add_argument(
         "--no-resume", action="store_true", help="start over even if OUT.partial exists (default: resume)"
     )
@@ -372,7 +372,9 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--overwrite", action="store_true", help="replace the output directory if it exists")
     p.add_argument("--format", required=True, help="gptq | gptq_v2 | awq | compressed-tensors")
-    p.add_argument("--base-model", default=None, help="hub id the model card names as the base model")
+    p.add_argument(
+        "--base-model", default=None, help="hub id the model card names as the base model (default: none)"
+    )
     p.set_defaults(func=_cmd_convert)
 
 
