@@ -14,7 +14,7 @@ Memory estimate (bytes; ``P`` parameters, ``e`` bytes per stored element, comput
 - activation cache: n·seqlen·hidden·4 bytes, ×2 (a layer's inputs and its outputs);
 - Hessians: K²·4 bytes per linear input group of a layer (GPTQ, AWQ);
 - AWQ block caches: search_samples·seqlen·(3·hidden + intermediate)·4 bytes (captured block inputs/outputs);
-- save: the packed tensors once more (written and read back).
+- save: the packed tensors once more, plus the whole written checkpoint read back for verification.
 The device estimate (CUDA) is the largest layer, the Hessians, the AWQ caches and one batch's activations.
 """
 
@@ -352,7 +352,7 @@ def make_plan(
         "activation cache (x2)": 2 * acts,
         "Hessians": hessians,
         "AWQ block caches": awq_cache,
-        "save (packed, written + read back)": packed,
+        "save (packed tensors + the checkpoint read back)": packed + output,
     }
     batch = min(batch_size, n) * seqlen * max(hidden, inter) * 4 * 4 if calibrated else 0
     device = {

@@ -5,6 +5,7 @@ remote code runs unless asked."""
 from __future__ import annotations
 
 import ast
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -25,7 +26,10 @@ def test_transformers_loads_a_model_from_the_repository_root(tiny_llama_dir) -> 
         f"m = AutoModelForCausalLM.from_pretrained({str(tiny_llama_dir)!r})\n"
         "print(type(m).__name__)\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    env = dict(os.environ, HF_HUB_OFFLINE="1")  # a local directory: nothing to fetch
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().endswith("LlamaForCausalLM")
 
