@@ -199,6 +199,10 @@ def quantize_checkpoint(
     from .preflight import check_memory as _check_memory
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
+    if base_model is not None:
+        from .hub import describe_base
+
+        describe_base(None, base_model)  # option errors first: ValueError if it is not a hub id
     planned = plan_quantization(
         model_dir, out_dir, config, calibration, format=format, batch_size=batch_size,
         overwrite=overwrite, resume=resume,
@@ -206,10 +210,6 @@ def quantize_checkpoint(
     format = planned["format"]
     if check_memory:
         _check_memory(planned["plan"].host_peak, planned["available_memory"])
-    if base_model is not None:
-        from .hub import describe_base
-
-        describe_base(None, base_model)  # ValueError now, not after the run, if it is not a hub id
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
     except (OSError, ValueError, TypeError) as exc:
