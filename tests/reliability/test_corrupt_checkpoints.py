@@ -17,13 +17,19 @@ from llmquant.cli import main
 
 
 @pytest.fixture(scope="module")
-def quantized(tmp_path_factory, calib_text_file) -> Path:
+def quantized(tmp_path_factory, calib_text_file, make_tiny_tokenizer) -> Path:
     """A tiny RTN w4 g32 GPTQ checkpoint, written once for the module (copied per test)."""
-    from conftest import _tiny_llama, _train_tokenizer
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     root = tmp_path_factory.mktemp("q")
-    tokenizer = _train_tokenizer([calib_text_file.read_text()], vocab_size=256)
-    _tiny_llama(vocab=len(tokenizer)).save_pretrained(root / "m")
+    tokenizer = make_tiny_tokenizer([calib_text_file.read_text()], vocab_size=256)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=256,
+    )  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(root / "m")
     tokenizer.save_pretrained(root / "m")
     assert (
         main(["quantize", str(root / "m"), "-o", str(root / "q"), "--method", "rtn", "--group-size", "32"])
