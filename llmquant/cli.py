@@ -71,6 +71,66 @@ def _group_size(text: str) -> int | None:
     return value
 
 
+def _add_calibration_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("calibration and GPTQ")
+    g.add_argument(
+        "--calib",
+        default="c4",
+        help="calibration data: c4 | wikitext2 | pileval | ultrachat (hub recipes) | PATH (.txt, .jsonl, "
+        ".parquet) | synthetic (text sampled from the model itself)",
+    )
+    g.add_argument("--n-samples", type=int, default=128, help="calibration sequences")
+    g.add_argument("--seqlen", type=int, default=512, help="tokens per calibration sequence")
+    g.add_argument("--seed", type=int, default=0, help="seed for shuffling and synthetic sampling")
+    g.add_argument("--text-field", default="text", help="text column of a jsonl/parquet calibration file")
+    g.add_argument("--damp", type=float, default=0.01, help="fraction of the mean Hessian diagonal")
+    g.add_argument("--block-size", type=int, default=128, help="GPTQ lazy-batch width")
+    g.add_argument(
+        "--act-order",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="quantize columns by decreasing Hessian diagonal (default: on)",
+    )
+    g.add_argument(
+        "--static-groups",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="with --act-order: grids fixed up front, g_idx trivial (default: on with --act-order)",
+    )
+    g.add_argument(
+        "--no-true-sequential",
+        dest="true_sequential",
+        action="store_false",
+        help="quantize all linears of a layer from the float inputs (default: true-sequential groups)",
+    )
+
+
+def _add_awq_options(p: argparse.ArgumentParser) -> None:
+    a = p.add_argument_group("AWQ (--method awq | awq+gptq)")
+    a.add_argument(
+        "--awq-grid", dest="n_grid", type=int, default=None, help="scale exponents tried (default 20)"
+    )
+    a.add_argument(
+        "--duo-scaling",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="scales from activations and weights (default: on); --no-duo-scaling: activations only",
+    )
+    a.add_argument(
+        "--awq-clip",
+        dest="clip",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="search a clipping range per group after scaling (default: on for awq, off for awq+gptq)",
+    )
+    a.add_argument(
+        "--search-samples",
+        type=int,
+        default=None,
+        help="calibration sequences replayed per scale candidate (default 16; statistics use all)",
+    )
+
+
 def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "quantize",
@@ -113,60 +173,8 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
         "the group size divides every input size, else gptq for sym / gptq_v2 for asym)",
     )
     p.add_argument("--mse-clip", action="store_true", help="choose each group's range by an error search")
-    g = p.add_argument_group("calibration and GPTQ")
-    g.add_argument(
-        "--calib",
-        default="c4",
-        help="calibration data: c4 | wikitext2 | pileval | ultrachat (hub recipes) | PATH (.txt, .jsonl, "
-        ".parquet) | synthetic (text sampled from the model itself)",
-    )
-    g.add_argument("--n-samples", type=int, default=128, help="calibration sequences")
-    g.add_argument("--seqlen", type=int, default=512, help="tokens per calibration sequence")
-    g.add_argument("--seed", type=int, default=0, help="seed for shuffling and synthetic sampling")
-    g.add_argument("--text-field", default="text", help="text column of a jsonl/parquet calibration file")
-    g.add_argument("--damp", type=float, default=0.01, help="fraction of the mean Hessian diagonal")
-    g.add_argument("--block-size", type=int, default=128, help="GPTQ lazy-batch width")
-    g.add_argument(
-        "--act-order",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="quantize columns by decreasing Hessian diagonal (default: on)",
-    )
-    g.add_argument(
-        "--static-groups",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="with --act-order: grids fixed up front, g_idx trivial (default: on with --act-order)",
-    )
-    g.add_argument(
-        "--no-true-sequential",
-        dest="true_sequential",
-        action="store_false",
-        help="quantize all linears of a layer from the float inputs (default: true-sequential groups)",
-    )
-    a = p.add_argument_group("AWQ (--method awq | awq+gptq)")
-    a.add_argument(
-        "--awq-grid", dest="n_grid", type=int, default=None, help="scale exponents tried (default 20)"
-    )
-    a.add_argument(
-        "--duo-scaling",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="scales from activations and weights (default: on); --no-duo-scaling: activations only",
-    )
-    a.add_argument(
-        "--awq-clip",
-        dest="clip",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="search a clipping range per group after scaling (default: on for awq, off for awq+gptq)",
-    )
-    a.add_argument(
-        "--search-samples",
-        type=int,
-        default=None,
-        help="calibration sequences replayed per scale candidate (default 16; statistics use all)",
-    )
+    _add_calibration_options(p)
+    _add_awq_options(p)
     p.add_argument("--device", default=None, help="compute device (default: cuda if available, else cpu)")
     p.add_argument("--batch-size", type=int, default=8, help="calibration sequences per forward")
     p.add_argument(
