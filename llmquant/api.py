@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from .config import CalibrationConfig, GPTQConfig, MethodConfig
+from .errors import CheckpointError, FormatError, ModelConfigError
 from .formats import get_format
 from .methods import METHODS, checkpoint_meta, rounder_config
 from .pipeline import QuantizationResult, quantize
@@ -27,15 +28,20 @@ def save_quantized(
     base_model: str | None = None,
     push_to_hub: str | None = None,
     private: bool = False,
+    overwrite: bool = False,
 ) -> Path:
     """Write ``result`` as a checkpoint of ``format`` (atomic, verified by reading it back), with the
     per-module log in ``quant_log.json`` and the model card in ``README.md``; then drop the run's
     resume directory. ``format`` None: the method's natural format (``natural_format``). ``base_model``:
     the hub id the card names as the base model (default: the source's id when it was loaded from the
     hub). ``push_to_hub="owner/name"``: then upload the checkpoint there in one commit
-    (``llmquant.hub.push_checkpoint``; ``private`` for a new repo)."""
+    (``llmquant.hub.push_checkpoint``; ``private`` for a new repo). An existing ``out_dir`` is refused
+    (``OutputExistsError``) unless ``overwrite``, and then replaced atomically."""
     from .hub import card_writer, check_repo_id, describe_base, push_checkpoint
     from .io import save_quantized as _save
+    from .preflight import check_output
+
+    check_output(out_dir, overwrite=overwrite)  # ``out_dir`` must not exist unless ``overwrite``
 
     if push_to_hub is not None:
         check_repo_id(push_to_hub)  # before writing anything
@@ -80,7 +86,7 @@ def natural_format(config: MethodConfig, in_features: set[int]) -> str:
     name = METHODS[config.method].natural_format(scheme)
     try:
         check_format(name, config, in_features)
-    except ValueError as exc:
+    except ValueError as exc:  # FormatError
         fallback = "gptq" if scheme.sym else "gptq_v2"
         logger.info("format %s cannot store this checkpoint (%s); writing %s", name, exc, fallback)
         return fallback
@@ -94,12 +100,17 @@ def check_format(name: str, config: MethodConfig, in_features: set[int]) -> None
 
     rcfg = rounder_config(config)
     act_order = isinstance(rcfg, GPTQConfig) and stores_permutation(rcfg.act_order, rcfg.static_groups)
-    fmt = get_format(name)
-    fmt.check_scheme(config.scheme, act_order=act_order)
+    try:
+        fmt = get_format(name)
+        fmt.check_scheme(config.scheme, act_order=act_order)
+    except FormatError:
+        raise
+    except ValueError as exc:
+        raise FormatError(str(exc)) from exc
     gs = config.scheme.group_size
     ragged = sorted(k for k in in_features if gs is not None and k % gs)
     if ragged and not fmt.allows_ragged_groups:
-        raise ValueError(
+        raise FormatError(
             f"format {fmt.name!r} cannot store a ragged last group (input size {ragged[0]} is not a multiple "
             f"of group size {gs}); use --group-size {_divisor_hint(in_features, gs)} or --format gptq_v2 "
             "or compressed-tensors"
@@ -113,14 +124,56 @@ def _divisor_hint(in_features: set[int], group_size: int) -> int:
     return 32
 
 
-def _model_in_features(model_dir: Path) -> set[int]:
+def _model_in_features(config: dict[str, Any]) -> set[int]:
     """Input sizes of a LLaMA-like checkpoint's decoder linears, from its config.json."""
-    config = json.loads((model_dir / "config.json").read_text())
     sizes = {config.get("hidden_size"), config.get("intermediate_size")}
     heads, head_dim = config.get("num_attention_heads"), config.get("head_dim")
     if heads and head_dim:
         sizes.add(heads * head_dim)  # o_proj
     return {int(k) for k in sizes if k}
+
+
+def plan_quantization(
+    model_dir: str | Path,
+    out_dir: str | Path,
+    config: MethodConfig,
+    calibration: CalibrationConfig | None = None,
+    *,
+    format: str | None = None,
+    batch_size: int = 8,
+    overwrite: bool = False,
+    resume: bool = True,
+) -> dict[str, Any]:
+    """Every check that can be made before the work (model directory, config, architecture, shard headers,
+    format, --seqlen, output path, free disk, memory), without loading any weight; returns the plan:
+    format, sizes and the estimated peak host / device memory (``preflight.Plan``). Raises the typed
+    errors of ``llmquant.errors`` with a one-line message."""
+    from . import preflight
+
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    raw = preflight.read_model_config(model_dir)
+    preflight.check_architecture(raw, model_dir)
+    if raw.get("quantization_config"):
+        raise ModelConfigError(f"{model_dir} is already quantized; quantize the float checkpoint instead")
+    tensors = preflight.checkpoint_tensors(model_dir)
+    in_features = _model_in_features(raw)
+    if format is None:
+        format = natural_format(config, in_features)
+    check_format(format, config, in_features)  # fail before hours of work
+    calibrated = config.method != "rtn"
+    if calibrated and calibration is not None:
+        from .calibration import check_source
+
+        check_source(calibration)
+        preflight.check_seqlen(calibration.seqlen, raw, model_dir)
+    preflight.check_output(out_dir, overwrite=overwrite)
+    plan = preflight.make_plan(
+        raw, tensors, config, calibration if calibrated else None, batch_size=batch_size
+    )
+    partial = out_dir.with_name(out_dir.name + ".partial")
+    has_partial = resume and partial.is_dir()
+    preflight.check_disk(out_dir, plan.output_bytes + (0 if has_partial else plan.resume_bytes))
+    return {"format": format, "plan": plan, "available_memory": preflight.available_memory()}
 
 
 def quantize_checkpoint(
@@ -134,23 +187,29 @@ def quantize_checkpoint(
     batch_size: int = 8,
     resume: bool = True,
     base_model: str | None = None,
+    overwrite: bool = False,
+    check_memory: bool = True,
 ) -> dict[str, Any]:
-    """Stream-quantize the checkpoint at ``model_dir`` and save it to ``out_dir``; returns a summary."""
+    """Stream-quantize the checkpoint at ``model_dir`` and save it to ``out_dir``; returns a summary.
+
+    ``plan_quantization``'s checks run first (``out_dir`` must not exist unless ``overwrite``); the
+    estimated peak host memory is refused when clearly over the available memory (``check_memory``)."""
     from transformers import AutoTokenizer
 
+    from .preflight import check_memory as _check_memory
+
     model_dir, out_dir = Path(model_dir), Path(out_dir)
-    if not model_dir.is_dir():
-        raise FileNotFoundError(f"model directory {model_dir} does not exist")
-    if not (model_dir / "config.json").is_file():
-        raise FileNotFoundError(f"{model_dir} is not a model directory (no config.json)")
-    in_features = _model_in_features(model_dir)
-    if format is None:
-        format = natural_format(config, in_features)
-    check_format(format, config, in_features)  # fail before hours of work
     if base_model is not None:
         from .hub import describe_base
 
-        describe_base(None, base_model)  # ValueError now, not after the run, if it is not a hub id
+        describe_base(None, base_model)  # option errors first: ValueError if it is not a hub id
+    planned = plan_quantization(
+        model_dir, out_dir, config, calibration, format=format, batch_size=batch_size,
+        overwrite=overwrite, resume=resume,
+    )  # fmt: skip
+    format = planned["format"]
+    if check_memory:
+        _check_memory(planned["plan"].host_peak, planned["available_memory"])
     from .formats import stores_permutation
 
     rcfg = rounder_config(config)
@@ -177,7 +236,9 @@ def quantize_checkpoint(
         batch_size=batch_size,
         resume_dir=resume_dir,
     )
-    path = save_quantized(result, out_dir, format=format, tokenizer=tokenizer, base_model=base_model)
+    path = save_quantized(
+        result, out_dir, format=format, tokenizer=tokenizer, base_model=base_model, overwrite=overwrite
+    )
     size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
     return {
         "path": path,
@@ -247,6 +308,7 @@ def inspect_checkpoint(path: str | Path) -> dict[str, Any]:
     """Format, scheme, per-module tensor shapes, and a fresh verification (every module unpacks and
     its tensors match the format's schema)."""
     from .formats import detect_format
+    from .formats.base import unpack_module
     from .io import load_tensors, read_checkpoint_index, read_config
 
     path = Path(path)
@@ -262,8 +324,12 @@ def inspect_checkpoint(path: str | Path) -> dict[str, Any]:
         keys = [k for k in index if k.rpartition(".")[0] == name]
         tensors = {k.rpartition(".")[2]: v for k, v in load_tensors(path, keys).items()}
         tensors.pop("bias", None)
-        n, k = _shape_of(fmt, tensors, scheme)
-        qw = fmt.unpack(tensors, scheme, n, k)
+        where = f"{name} in {index[keys[0]]}"
+        try:
+            n, k = _shape_of(fmt, tensors, scheme)
+        except (KeyError, IndexError, ValueError, TypeError) as exc:
+            raise CheckpointError(f"{where}: missing or misshapen tensors ({exc})") from exc
+        qw = unpack_module(fmt, tensors, scheme, n, k, where)
         modules.append(
             {
                 "name": name,

@@ -42,6 +42,7 @@ from typing import Any
 import torch
 
 from llmquant.config import CalibrationConfig
+from llmquant.errors import LlmquantError
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +72,7 @@ _TABULAR_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 _CALIB_HINT = "pass a local file with --calib PATH or use --calib synthetic"
 
 
-class CalibrationError(ValueError):
+class CalibrationError(LlmquantError, ValueError):
     """Calibration data could not be produced; the message says what to change."""
 
 
@@ -151,18 +152,19 @@ def load_calibration(config: CalibrationConfig, tokenizer: Any, model: Any = Non
     Raises ``CalibrationError`` (a ``ValueError``) with a one-line fix when data cannot be produced.
     """
     source = config.source
+    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(context, int) and config.seqlen > context:
+        raise CalibrationError(
+            f"--seqlen {config.seqlen} is beyond the model's context ({context} tokens); "
+            f"use --seqlen {min(context, 2048)} or less"
+        )
     if source == SYNTHETIC:
         input_ids, mask = _synthetic_blocks(config, tokenizer, model)
     elif source in list_recipes():
         input_ids, mask = _recipe_blocks(load_recipe(source), config, tokenizer)
     else:
-        path = Path(source).expanduser()
-        if not path.is_file():
-            raise CalibrationError(
-                f"calibration source {source!r} is not a recipe ({', '.join(list_recipes())}), "
-                f"not {SYNTHETIC!r}, and no file exists at {path.resolve()}"
-            )
-        input_ids, mask = _file_blocks(path, config, tokenizer)
+        check_source(config)
+        input_ids, mask = _checked_file_blocks(Path(source).expanduser(), config, tokenizer)
     blocks = CalibrationBlocks(input_ids, mask, source, fingerprint(input_ids, mask))
     logger.info(
         "calibration %s: %d x %d tokens (%d real), fingerprint %s",
@@ -212,32 +214,67 @@ def _recipe_blocks(
     return _build_blocks(texts, recipe.mode, recipe.separator, tokenizer, config, recipe.name)
 
 
+def check_source(config: CalibrationConfig) -> None:
+    """The checks on ``config.source`` that need no tokenizer (run before any work): a recipe, synthetic,
+    or a readable, non-empty file (``CalibrationError`` naming the path otherwise)."""
+    source = config.source
+    if source == SYNTHETIC or source in list_recipes():
+        return
+    path = Path(source).expanduser()
+    if not path.is_file():
+        raise CalibrationError(
+            f"calibration source {source!r} is not a recipe ({', '.join(list_recipes())}), "
+            f"not {SYNTHETIC!r}, and no file exists at {path.resolve()}"
+        )
+    if not os.access(path, os.R_OK):
+        raise CalibrationError(f"calibration file {path} is not readable (check its permissions)")
+    if path.stat().st_size == 0:
+        raise CalibrationError(f"calibration file {path} is empty; pass a file with text in it")
+
+
+def _checked_file_blocks(
+    path: Path, config: CalibrationConfig, tokenizer: Any
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``_file_blocks`` with one-line errors that name the file: not UTF-8, unparsable, too short."""
+    try:
+        return _file_blocks(path, config, tokenizer)
+    except UnicodeDecodeError as exc:
+        raise CalibrationError(f"calibration file {path} is not UTF-8 text ({exc.reason})") from exc
+    except CalibrationError:
+        raise
+    except (OSError, ValueError, TypeError, KeyError) as exc:  # datasets / pyarrow parse errors
+        reason = " ".join(str(exc).split())[:200]
+        raise CalibrationError(
+            f"calibration file {path} cannot be read ({type(exc).__name__}: {reason})"
+        ) from exc
+
+
 def _file_blocks(path: Path, config: CalibrationConfig, tokenizer: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """Blocks from a local text, jsonl/json or parquet file."""
     builder = _TABULAR_SUFFIXES.get(path.suffix.lower())
+    label = f"calibration file {path}"
     if builder is None:
         text = path.read_text(encoding="utf-8")
         ids = _tokenize(tokenizer, text, add_special_tokens=False)
-        return _cut_blocks(ids, config.n_samples, config.seqlen, path.name)
+        return _cut_blocks(ids, config.n_samples, config.seqlen, label)
     import datasets
 
     ds = datasets.load_dataset(builder, data_files=str(path), split="train", streaming=True)
     first = next(iter(ds), None)
     if first is None:
-        raise CalibrationError(f"{path.name} has no rows")
+        raise CalibrationError(f"{label} has no rows")
     field = config.text_field
     if field not in first and "messages" in first:
         field = "messages"
     if field not in first:
         raise CalibrationError(
-            f"{path.name} has no column {field!r} (columns: {', '.join(first)}); "
-            "set text_field / --text-field"
+            f"{label} has no column {field!r} (columns: {', '.join(first)}); set text_field / --text-field"
         )
     chat = field == "messages" or isinstance(first[field], list)
     if chat:
         ds = ds.shuffle(seed=config.seed, buffer_size=LOCAL_SHUFFLE_BUFFER)
     mode = "per_sample" if chat else "concat"
-    return _build_blocks(_iter_texts(ds, field, chat, tokenizer), mode, "\n\n", tokenizer, config, path.name)
+    return _build_blocks(_iter_texts(ds, field, chat, tokenizer), mode, "\n\n", tokenizer, config, label)
 
 
 def _synthetic_blocks(

@@ -1,8 +1,8 @@
-"""`llmquant quantize | eval | inspect | convert | push` — argument parsing and printing only; the work is
-in the library.
+"""llmquant: one-shot low-bit weight quantization (GPTQ, AWQ, AWQ+GPTQ, RTN) of LLaMA-class Hugging Face
+models, written as GPTQ / AWQ / compressed-tensors checkpoints that transformers and vLLM load.
 
-User errors (missing paths, unsupported architectures, bad option combinations) print one line
-``llmquant: error: ...`` and exit with status 2, without a traceback.
+(Module: argument parsing and printing only; the work is in the library. User errors -- bad paths, options,
+inputs -- print one line ``llmquant: error: ...`` and exit with status 2, without a traceback.)
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import resource
 import shlex
 import sys
 import time
+from typing import NoReturn
 
 # third-party loggers kept at ERROR (the hub client's HTTP loggers among them: they log requests)
 NOISY_LOGGERS = (
@@ -30,6 +31,32 @@ NOISY_LOGGERS = (
 )
 
 
+DESCRIPTION = __doc__.split("\n\n")[0].replace("\n", " ")
+EPILOG = "Run `llmquant COMMAND --help` for a command's options. Docs: README.md, docs/reliability.md."
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line (``llmquant: error: ...``, exit 2), not argparse's usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        hint = f" (see `{self.prog} --help`)"
+        self.exit(2, f"llmquant: error: {message.splitlines()[0]}{hint}\n")
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Appends ``(default: X)`` to every option whose help does not state its default already."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text, default = action.help or "", action.default
+        if "default" in text or not action.option_strings or default is None or default is False:
+            return text
+        if default is argparse.SUPPRESS:
+            return text
+        if default is True:
+            return f"{text} (default: on)"
+        return f"{text} (default: %(default)s)"
+
+
 def _group_size(text: str) -> int | None:
     if text.lower() in {"none", "-1", "channel", "per-channel"}:
         return None
@@ -44,39 +71,17 @@ def _group_size(text: str) -> int | None:
     return value
 
 
-def _add_quantize(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("quantize", help="quantize a local HF checkpoint and save it")
-    p.add_argument("model", help="local Hugging Face checkpoint directory (float weights)")
-    p.add_argument("-o", "--output", required=True, help="output directory (written atomically)")
-    from .methods import METHODS
-
-    p.add_argument(
-        "--method",
-        choices=list(METHODS),
-        default="gptq",
-        help="; ".join(f"{m.name}: {m.help}" for m in METHODS.values()) + " (default: gptq)",
+def _add_calibration_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("calibration and GPTQ")
+    g.add_argument(
+        "--calib",
+        default="c4",
+        help="calibration data: c4 | wikitext2 | pileval | ultrachat (hub recipes) | PATH (.txt, .jsonl, "
+        ".parquet) | synthetic (text sampled from the model itself)",
     )
-    p.add_argument("--bits", type=int, default=4, choices=[2, 3, 4, 8])
-    p.add_argument("--group-size", type=_group_size, default=128, help="input channels per scale, or 'none'")
-    sym = p.add_mutually_exclusive_group()
-    sym.add_argument(
-        "--sym", dest="sym", action="store_true", default=None, help="symmetric grid (default for rtn, gptq)"
-    )
-    sym.add_argument(
-        "--asym", dest="sym", action="store_false", help="asymmetric min-max grid (default for awq)"
-    )
-    p.add_argument(
-        "--format",
-        default=None,
-        help="gptq (v1) | gptq_v2 | awq | compressed-tensors (default: the method's own: awq for AWQ when "
-        "the group size divides every input size, else gptq for sym / gptq_v2 for asym)",
-    )
-    p.add_argument("--mse-clip", action="store_true", help="choose each group's range by an error search")
-    g = p.add_argument_group("GPTQ")
-    g.add_argument("--calib", default="c4", help="c4 | wikitext2 | pileval | ultrachat | PATH | synthetic")
-    g.add_argument("--n-samples", type=int, default=128)
-    g.add_argument("--seqlen", type=int, default=512)
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--n-samples", type=int, default=128, help="calibration sequences")
+    g.add_argument("--seqlen", type=int, default=512, help="tokens per calibration sequence")
+    g.add_argument("--seed", type=int, default=0, help="seed for shuffling and synthetic sampling")
     g.add_argument("--text-field", default="text", help="text column of a jsonl/parquet calibration file")
     g.add_argument("--damp", type=float, default=0.01, help="fraction of the mean Hessian diagonal")
     g.add_argument("--block-size", type=int, default=128, help="GPTQ lazy-batch width")
@@ -92,7 +97,15 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="with --act-order: grids fixed up front, g_idx trivial (default: on with --act-order)",
     )
-    g.add_argument("--no-true-sequential", dest="true_sequential", action="store_false")
+    g.add_argument(
+        "--no-true-sequential",
+        dest="true_sequential",
+        action="store_false",
+        help="quantize all linears of a layer from the float inputs (default: true-sequential groups)",
+    )
+
+
+def _add_awq_options(p: argparse.ArgumentParser) -> None:
     a = p.add_argument_group("AWQ (--method awq | awq+gptq)")
     a.add_argument(
         "--awq-grid", dest="n_grid", type=int, default=None, help="scale exponents tried (default 20)"
@@ -116,10 +129,66 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="calibration sequences replayed per scale candidate (default 8; statistics use all)",
     )
+
+
+def _add_quantize(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "quantize",
+        help="quantize a local HF checkpoint and save it",
+        description="Quantize a local float Hugging Face checkpoint (streamed layer by layer) and write a "
+        "verified, atomically written checkpoint. Interrupted runs resume from OUT.partial.",
+        formatter_class=_HelpFormatter,
+    )
+    p.add_argument("model", help="local Hugging Face checkpoint directory (float weights)")
+    p.add_argument(
+        "-o", "--output", required=True, help="output directory (written atomically; must not exist)"
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace the output directory if it exists")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="run every check, print the plan and the estimated peak memory and disk, and stop",
+    )
+    from .methods import METHODS
+
+    p.add_argument(
+        "--method",
+        choices=list(METHODS),
+        default="gptq",
+        help="; ".join(f"{m.name}: {m.help}" for m in METHODS.values()) + " (default: gptq)",
+    )
+    p.add_argument("--bits", type=int, default=4, choices=[2, 3, 4, 8], help="bits per weight")
+    p.add_argument("--group-size", type=_group_size, default=128, help="input channels per scale, or 'none'")
+    sym = p.add_mutually_exclusive_group()
+    sym.add_argument(
+        "--sym", dest="sym", action="store_true", default=None, help="symmetric grid (default for rtn, gptq)"
+    )
+    sym.add_argument(
+        "--asym", dest="sym", action="store_false", help="asymmetric min-max grid (default for awq)"
+    )
+    p.add_argument(
+        "--format",
+        default=None,
+        help="gptq (v1) | gptq_v2 | awq | compressed-tensors (default: the method's own: awq for AWQ when "
+        "the group size divides every input size, else gptq for sym / gptq_v2 for asym)",
+    )
+    p.add_argument("--mse-clip", action="store_true", help="choose each group's range by an error search")
+    _add_calibration_options(p)
+    _add_awq_options(p)
     p.add_argument("--device", default=None, help="compute device (default: cuda if available, else cpu)")
     p.add_argument("--batch-size", type=int, default=8, help="calibration sequences per forward")
-    p.add_argument("--no-resume", action="store_true", help="start over even if OUT.partial exists")
-    p.add_argument("--base-model", default=None, help="hub id the model card names as the base model")
+    p.add_argument(
+        "--base-model", default=None, help="hub id the model card names as the base model (default: none)"
+    )
+    p.add_argument(
+        "--no-resume", action="store_true", help="start over even if OUT.partial exists (default: resume)"
+    )
+    p.add_argument(
+        "--no-memory-check",
+        dest="memory_check",
+        action="store_false",
+        help="start even when the estimated peak memory is over the available memory",
+    )
     p.set_defaults(func=_cmd_quantize)
 
 
@@ -139,6 +208,8 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         seed=args.seed,
         text_field=args.text_field,
     )
+    if args.dry_run:
+        return _print_plan(args, config, calib)
     t0 = time.perf_counter()
     summary = quantize_checkpoint(
         args.model,
@@ -150,6 +221,8 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         resume=not args.no_resume,
         base_model=args.base_model,
+        overwrite=args.overwrite,
+        check_memory=args.memory_check,
     )
     rows = [
         ("output", str(summary["path"])),
@@ -167,17 +240,69 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_plan(args: argparse.Namespace, config, calib) -> int:
+    """--dry-run: every check, the plan and the estimates; exit 2 (with the numbers) when over memory."""
+    from .api import plan_quantization
+    from .preflight import GiB, check_memory
+
+    planned = plan_quantization(
+        args.model, args.output, config, calib, format=args.format, batch_size=args.batch_size,
+        overwrite=args.overwrite, resume=not args.no_resume,
+    )  # fmt: skip
+    plan = planned["plan"]
+    model = f"{args.model} ({plan.layers} layers, hidden {plan.hidden}, intermediate {plan.intermediate})"
+    params = f"{plan.quantized_params / 1e6:.1f} M quantized + {plan.other_params / 1e6:.1f} M kept"
+    scheme = f"w{args.bits} g{args.group_size or 'channel'} {'sym' if args.sym else 'asym'}"
+    data = "none" if config.method == "rtn" else f"{calib.source}: {calib.n_samples} x {calib.seqlen}"
+    size = f"{plan.output_bytes / 2**20:.1f} MiB (+ {plan.resume_bytes / 2**20:.1f} MiB resume state)"
+    rows = [
+        ("model", model),
+        ("parameters", params),
+        ("method / format", f"{args.method} -> {planned['format']}"),
+        ("scheme", scheme),
+        ("calibration", data),
+        ("output size", size),
+    ]
+    rows += [(f"  host: {k}", f"{v / 2**20:.1f} MiB") for k, v in plan.host.items() if v]
+    rows.append(("peak host memory (estimate)", f"{plan.host_peak / GiB:.2f} GiB"))
+    rows.append(("available memory", f"{planned['available_memory'] / GiB:.2f} GiB"))
+    rows += [(f"  device: {k}", f"{v / 2**20:.1f} MiB") for k, v in plan.device.items() if v]
+    rows.append(("peak device memory (estimate, CUDA)", f"{plan.device_peak / GiB:.2f} GiB"))
+    _print_table(rows)
+    if args.memory_check:
+        check_memory(plan.host_peak, planned["available_memory"])
+    return 0
+
+
 def _add_eval(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="perplexity (and KL vs a float model) on a text file, or lm-eval tasks")
+    p = sub.add_parser(
+        "eval",
+        help="perplexity (and KL vs a float model) on a text file, or lm-eval tasks",
+        description="Perplexity of a checkpoint on a UTF-8 text file (and, with --base, the float model's "
+        "perplexity and KL(base || quantized)); or lm-evaluation-harness tasks with --tasks.",
+        formatter_class=_HelpFormatter,
+    )
     p.add_argument("path", help="quantized checkpoint (or a float HF checkpoint)")
-    p.add_argument("--text", help="UTF-8 text file, e.g. wikitext-2 wiki.test.raw")
-    p.add_argument("--tasks", help="comma-separated lm-eval tasks (needs the [eval] extra) instead of --text")
-    p.add_argument("--include-path", default=None, help="folder of extra lm-eval task YAML files")
-    p.add_argument("--limit", type=int, default=None, help="lm-eval: first N documents of each task")
-    p.add_argument("--windows", type=int, default=None, help="evaluate only the first N windows")
-    p.add_argument("--seqlen", type=int, default=2048)
-    p.add_argument("--base", default=None, help="float checkpoint to compare against (perplexity + KL)")
-    p.add_argument("--device", default=None)
+    p.add_argument("--text", default=None, help="UTF-8 text file, e.g. wikitext-2 wiki.test.raw")
+    p.add_argument(
+        "--tasks",
+        default=None,
+        help="comma-separated lm-eval tasks (needs the [eval] extra) instead of --text",
+    )
+    p.add_argument(
+        "--include-path", default=None, help="folder of extra lm-eval task YAML files (default: none)"
+    )
+    p.add_argument(
+        "--limit", type=int, default=None, help="lm-eval: first N documents of each task (default: all)"
+    )
+    p.add_argument(
+        "--windows", type=int, default=None, help="evaluate only the first N windows (default: all)"
+    )
+    p.add_argument("--seqlen", type=int, default=2048, help="tokens per evaluation window")
+    p.add_argument(
+        "--base", default=None, help="float checkpoint to compare against (perplexity + KL; default: none)"
+    )
+    p.add_argument("--device", default=None, help="device (default: cuda if available, else cpu)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument(
         "--update-card",
@@ -248,9 +373,15 @@ def _cmd_tasks(args: argparse.Namespace) -> int:
 
 
 def _add_inspect(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("inspect", help="format, scheme, per-layer shapes and verification of a checkpoint")
-    p.add_argument("path")
-    p.add_argument("--json", action="store_true")
+    p = sub.add_parser(
+        "inspect",
+        help="format, scheme, per-layer shapes and verification of a checkpoint",
+        description="Print a quantized checkpoint's format, scheme and per-module shapes after unpacking "
+        "every module again (a fresh verification).",
+        formatter_class=_HelpFormatter,
+    )
+    p.add_argument("path", help="quantized checkpoint directory")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=_cmd_inspect)
 
 
@@ -268,18 +399,31 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _add_convert(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("convert", help="re-pack a quantized checkpoint into another format, losslessly")
+    p = sub.add_parser(
+        "convert",
+        help="re-pack a quantized checkpoint into another format, losslessly",
+        description="Re-pack a quantized checkpoint's integer codes into another format (no re-quantizing); "
+        "refused, with the reason, when the target cannot hold them exactly.",
+        formatter_class=_HelpFormatter,
+    )
     p.add_argument("input", help="quantized checkpoint (llmquant's or another tool's)")
-    p.add_argument("-o", "--output", required=True, help="output directory (written atomically)")
+    p.add_argument(
+        "-o", "--output", required=True, help="output directory (written atomically; must not exist)"
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace the output directory if it exists")
     p.add_argument("--format", required=True, help="gptq | gptq_v2 | awq | compressed-tensors")
-    p.add_argument("--base-model", default=None, help="hub id the model card names as the base model")
+    p.add_argument(
+        "--base-model", default=None, help="hub id the model card names as the base model (default: none)"
+    )
     p.set_defaults(func=_cmd_convert)
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
     from .convert import convert_checkpoint
 
-    summary = convert_checkpoint(args.input, args.output, args.format, base_model=args.base_model)
+    summary = convert_checkpoint(
+        args.input, args.output, args.format, base_model=args.base_model, overwrite=args.overwrite
+    )
     scheme = summary["scheme"]
     rows = [
         ("output", str(summary["path"])),
@@ -293,12 +437,22 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 
 def _add_push(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("push", help="upload a verified checkpoint to the model hub in one commit")
+    p = sub.add_parser(
+        "push",
+        help="upload a verified checkpoint to the model hub in one commit",
+        description="Upload a checkpoint llmquant wrote and verified to a hub model repository, in one "
+        "commit (token from HF_TOKEN or the login cache).",
+        formatter_class=_HelpFormatter,
+    )
     p.add_argument("path", help="checkpoint directory written by llmquant")
     p.add_argument("repo_id", help="model repository, owner/name (created if missing)")
     p.add_argument("--private", action="store_true", help="create the repository private")
     p.add_argument("--revision", default=None, help="branch to commit to (created if missing; default main)")
-    p.add_argument("--commit-message", default=None)
+    p.add_argument(
+        "--commit-message",
+        default=None,
+        help="commit message (default: Upload NAME (N files, llmquant VERSION))",
+    )
     p.set_defaults(func=_cmd_push)
 
 
@@ -333,9 +487,12 @@ def _peak_rss_gib() -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="llmquant", description=__doc__.splitlines()[0])
+    from . import __version__
+
+    parser = _Parser(prog="llmquant", description=DESCRIPTION, epilog=EPILOG, formatter_class=_HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"llmquant {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", title="commands")
     _add_quantize(sub)
     _add_eval(sub)
     _add_inspect(sub)
@@ -355,8 +512,8 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.ERROR)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as exc:  # HubError too
-        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    except (ValueError, OSError) as exc:  # llmquant.errors (typed), HubError, filesystem errors
+        message = " ".join(str(exc).split()) if str(exc) else type(exc).__name__
         print(f"llmquant: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -26,8 +26,9 @@ from typing import Any
 import torch
 
 from .config import QuantScheme
+from .errors import CheckpointError, LlmquantError, ModelNotFoundError, OptionError
 from .formats import CheckpointFormat, detect_format, get_format
-from .formats.base import llmquant_version
+from .formats.base import llmquant_version, unpack_module
 from .io import (
     CONFIG_FILE,
     DEFAULT_MAX_SHARD_SIZE,
@@ -61,7 +62,7 @@ _RUN_META = ("method_config", "calibration", "damp_max_used", "rtn_fallbacks", "
 _SCALE_KEYS = ("scales", "weight_scale")
 
 
-class ConversionError(ValueError):
+class ConversionError(LlmquantError, ValueError):
     """The target format cannot hold the source's weights exactly (nothing was written)."""
 
 
@@ -128,7 +129,8 @@ class _SourceWeights(Mapping[str, QuantizedWeight]):
         return {k.rpartition(".")[2]: v for k, v in load_tensors(self.path, self.keys_of[name]).items()}
 
     def __getitem__(self, name: str) -> QuantizedWeight:
-        return self.fmt.unpack(self.tensors(name), self.scheme, *self.shapes[name])
+        where = f"{name} in {self.path}"
+        return unpack_module(self.fmt, self.tensors(name), self.scheme, *self.shapes[name], where)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.shapes)
@@ -144,22 +146,27 @@ def convert_checkpoint(
     *,
     base_model: str | None = None,
     max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Write ``src``'s quantized weights in ``format`` to ``out_dir``; returns a summary.
 
-    Raises :class:`ConversionError` (nothing written) when ``format`` cannot hold them exactly.
+    Raises :class:`ConversionError` (nothing written) when ``format`` cannot hold them exactly,
+    ``OutputExistsError`` when ``out_dir`` exists and not ``overwrite``.
     """
     from .hub import card_writer
+    from .preflight import check_disk, check_output
 
     src, out_dir = Path(src), Path(out_dir)
     if not (src / CONFIG_FILE).is_file():
-        raise FileNotFoundError(f"{src} is not a checkpoint directory (no config.json)")
+        raise ModelNotFoundError(f"{src} is not a checkpoint directory (no config.json)")
     if src.resolve() == out_dir.resolve():
-        raise ValueError("convert needs a new output directory, not the input one")
+        raise OptionError("convert needs a new output directory, not the input one")
+    check_output(out_dir, overwrite=overwrite)
+    check_disk(out_dir, int(1.1 * sum(f.stat().st_size for f in src.iterdir() if f.is_file())))
     config = read_config(src)
     qc = config.pop("quantization_config", None)
     if not qc:
-        raise ValueError(f"{src} is not quantized (no quantization_config in config.json)")
+        raise CheckpointError(f"{src} is not quantized (no quantization_config in config.json)")
     fmt, scheme, flags = detect_format(qc)
     target = get_format(format)
     index = read_checkpoint_index(src)
@@ -196,7 +203,7 @@ def _check_convertible(weights: _SourceWeights, target, scheme, src: Path, fmt) 
     for name in weights:
         tensors = weights.tensors(name)
         inexact = inexact or _inexact_scales(name, tensors)
-        qw = weights.fmt.unpack(tensors, scheme, *weights.shapes[name])
+        qw = unpack_module(weights.fmt, tensors, scheme, *weights.shapes[name], f"{name} in {src}")
         permuted = permuted or not qw.has_trivial_g_idx()
     why = refusal(target, scheme, weights.shapes, permuted=permuted, inexact_scales=inexact)
     if why is not None:

@@ -29,6 +29,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .config import QuantScheme
+from .errors import CheckpointError, ModelConfigError, ModelNotFoundError
 from .formats.base import CheckpointFormat, detect_format, get_format, llmquant_version, stores_permutation
 from .qtensor import QuantizedWeight
 
@@ -38,6 +39,13 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 CONFIG_FILE = "config.json"
 DEFAULT_MAX_SHARD_SIZE = 4 * 2**30
+
+
+class MissingTensorError(CheckpointError, KeyError):
+    """A tensor the caller asked for is not in the checkpoint (a KeyError too, for older callers)."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
 
 
 class CheckpointVerificationError(RuntimeError):
@@ -74,6 +82,7 @@ def write_checkpoint(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f"{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
+        tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it 0700: give it a normal directory's mode
         _write_shards(tmp, tensors, {"format": "pt", **(metadata or {})}, max_shard_size)
         _write_json(tmp / CONFIG_FILE, config)
         for name, content in extra_files.items():
@@ -82,12 +91,28 @@ def write_checkpoint(
             shutil.copy2(src, tmp / src.name)
         if verify is not None:
             verify(tmp)
+        _follow_umask_(tmp)
         _swap_into_place(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     logger.info("wrote checkpoint %s (%d tensors)", out_dir, len(tensors))
     return out_dir
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _follow_umask_(directory: Path) -> None:
+    """Give every file of ``directory`` the mode a plain ``open()`` would (0666 minus the umask): some
+    writers (mkstemp, copies of a 0600 temp file) create 0600 files another user's server cannot read."""
+    mode = 0o666 & ~_umask()
+    for p in directory.iterdir():
+        if p.is_file() and not p.is_symlink():
+            p.chmod(mode)
 
 
 def _check_file_names(extra_files: dict[str, dict[str, Any]], copy_files: list[Path]) -> None:
@@ -251,10 +276,15 @@ def read_checkpoint_index(path: str | os.PathLike[str]) -> dict[str, Path]:
 
 
 def _index_from_json(index_file: Path) -> dict[str, Path]:
-    data = json.loads(index_file.read_text(encoding="utf-8"))
-    weight_map = data.get("weight_map")
-    if not isinstance(weight_map, dict):
-        raise ValueError(f"{index_file} has no weight_map")
+    try:
+        data = json.loads(index_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{index_file} is not valid JSON ({exc}); the index is corrupted") from exc
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) and Path(v).name == v for k, v in weight_map.items()
+    ):
+        raise CheckpointError(f"{index_file} has no valid weight_map (tensor name -> shard file name)")
     out = {name: index_file.parent / fname for name, fname in weight_map.items()}
     missing = sorted({str(p) for p in out.values() if not p.is_file()})
     if missing:
@@ -262,10 +292,22 @@ def _index_from_json(index_file: Path) -> dict[str, Path]:
     return out
 
 
+def _open(file: Path, device: str = "cpu"):
+    """``safe_open`` with a CheckpointError naming the file when it is corrupted or truncated (the header
+    is validated first: the library's own errors do not name the file or the tensor)."""
+    from .preflight import read_header
+
+    read_header(file)
+    try:
+        return safe_open(str(file), framework="pt", device=device)
+    except Exception as exc:  # SafetensorError is not exported as a stable type
+        raise CheckpointError(f"{file}: cannot open as safetensors ({exc})") from exc
+
+
 def _keys_of(files: list[Path]) -> dict[str, Path]:
     out: dict[str, Path] = {}
     for f in files:
-        with safe_open(str(f), framework="pt") as handle:
+        with _open(f) as handle:
             for name in handle.keys():  # noqa: SIM118  (safe_open is not a mapping)
                 if name in out:
                     raise ValueError(f"tensor {name!r} occurs in both {out[name]} and {f}")
@@ -281,7 +323,7 @@ def load_tensors(
     wanted = list(index) if names is None else list(names)
     missing = [n for n in wanted if n not in index]
     if missing:
-        raise KeyError(
+        raise MissingTensorError(
             f"tensors not in checkpoint {path}: {missing[:10]}{' ...' if len(missing) > 10 else ''}"
         )
     by_file: dict[Path, list[str]] = {}
@@ -289,9 +331,12 @@ def load_tensors(
         by_file.setdefault(index[n], []).append(n)
     out: dict[str, torch.Tensor] = {}
     for f, file_names in by_file.items():
-        with safe_open(str(f), framework="pt", device=str(device)) as handle:
+        with _open(f, str(device)) as handle:
             for n in file_names:
-                out[n] = handle.get_tensor(n)
+                try:
+                    out[n] = handle.get_tensor(n)
+                except Exception as exc:  # SafetensorError, e.g. a tensor missing from its shard
+                    raise CheckpointError(f"{f}: cannot read tensor {n!r} ({exc})") from exc
     return {n: out[n] for n in wanted}
 
 
@@ -299,7 +344,15 @@ def read_config(path: str | os.PathLike[str]) -> dict[str, Any]:
     """config.json of a checkpoint directory (or the JSON file itself)."""
     path = Path(path)
     cfg = path / CONFIG_FILE if path.is_dir() else path
-    return json.loads(cfg.read_text(encoding="utf-8"))
+    if not cfg.is_file():
+        raise ModelNotFoundError(f"{cfg.parent} is not a checkpoint directory (no config.json)")
+    try:
+        data = json.loads(cfg.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelConfigError(f"{cfg} is not valid JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise ModelConfigError(f"{cfg} must hold a JSON object, got {type(data).__name__}")
+    return data
 
 
 # ------------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from .arch import UnsupportedArchitectureError, get_arch
 from .formats import detect_format
+from .formats.base import unpack_module
 from .fuse import fuse_quant_linears
 from .io import load_tensors, read_checkpoint_index, read_config
 from .nn import QuantLinear, set_module
@@ -75,7 +76,8 @@ def from_pretrained(
         tensors = load_tensors(path, by_module[name], device=device)
         suffixes = {k.rpartition(".")[2]: v for k, v in tensors.items()}
         bias = suffixes.pop("bias", None)
-        qw = fmt.unpack(suffixes, scheme, linear.out_features, linear.in_features)
+        where = f"{name} in {index[by_module[name][0]]}"
+        qw = unpack_module(fmt, suffixes, scheme, linear.out_features, linear.in_features, where)
         set_module(model, name, QuantLinear.from_quantized(qw, bias, dtype=dtype))
     quantized_keys = {k for n in qnames for k in by_module[n]}
     _load_plain_tensors(model, path, [k for k in index if k not in quantized_keys], dtype, device)

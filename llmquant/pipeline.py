@@ -30,12 +30,13 @@ from transformers import PreTrainedModel
 
 from . import __version__
 from .arch import ArchSpec
-from .calibration import CalibrationBlocks, load_calibration
+from .calibration import SYNTHETIC, CalibrationBlocks, load_calibration
 from .config import CalibrationConfig, MethodConfig
 from .methods import Call, LayerPlan, LayerResult, ModuleLog, make_plan
 from .nn import QuantLinear, set_module
+from .numerics import check_finite_activations
 from .qtensor import QuantizedWeight
-from .resume import ResumeState, fingerprint
+from .resume import ResumeState
 from .source import LoadedModel, ModelSource, StreamedModel
 
 logger = logging.getLogger(__name__)
@@ -270,7 +271,11 @@ def _resolve_blocks(
         return calibration
     if tokenizer is None:
         raise ValueError("calibration needs a tokenizer: pass tokenizer=... or CalibrationBlocks")
-    return load_calibration(calibration or CalibrationConfig(), tokenizer, model=source.model)
+    calibration = calibration or CalibrationConfig()
+    if calibration.source != SYNTHETIC:
+        return load_calibration(calibration, tokenizer, model=source.model)
+    with source.whole_model() as whole:  # a streamed source's skeleton holds no layer weights
+        return load_calibration(calibration, tokenizer, model=whole)
 
 
 def _finalize_layer(layer: nn.Module, result: LayerResult, dtype: torch.dtype) -> None:
@@ -307,16 +312,14 @@ def quantize(
     store_dtype = next(p for p in source.model.parameters() if not p.is_meta).dtype
     compute_dtype = torch.float32 if dev.type == "cpu" else store_dtype
     blocks = _resolve_blocks(calibration, tokenizer, source) if plan.needs_calibration else None
-    fp = fingerprint(
-        __version__,
-        source.description,
-        config.to_dict(),
-        config.method,
-        blocks.fingerprint if blocks else None,
-        batch_size,
-        str(compute_dtype),
-    )
-    state = ResumeState(Path(resume_dir) if resume_dir else None, fp)
+    parts = {
+        "llmquant version": __version__,
+        "model": [source.description, source.content],
+        "method config": [config.method, config.to_dict()],
+        "calibration data": blocks.fingerprint if blocks else None,
+        "batch size / compute dtype": [batch_size, str(compute_dtype)],
+    }
+    state = ResumeState(Path(resume_dir) if resume_dir else None, parts)
     ctx = None
     if blocks is not None:
         inputs, kwargs, masks = capture_layer_inputs(source, blocks, batch_size, dev, compute_dtype)
@@ -395,6 +398,7 @@ def _quantize_layer(
     ctx.write_back(layer, result)
     with torch.inference_mode():
         ctx.inputs = ctx.run(layer, keep=True)
+    check_finite_activations(ctx.inputs, index, dtype)
     if notes:
         result = {
             n: (qw, dataclasses.replace(log, transform=notes.get(n) or None))

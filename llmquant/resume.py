@@ -9,7 +9,10 @@ Layout of a checkpoint directory (``<out>.partial`` by default):
 - ``activations.safetensors``: the calibration activations leaving the last finished layer (the
   next layer's inputs), exactly as the uninterrupted run had them, so a resumed run is bit-identical.
 
-A fingerprint mismatch (other model, data, config or llmquant version) discards the directory.
+The fingerprint covers the model (path and a hash of its config and safetensors headers), the calibration
+data, the method config, batch size / compute dtype and the llmquant version, each part hashed on its own:
+a mismatch is refused with a ``ResumeMismatchError`` naming the parts that differ (``--no-resume`` starts
+over), never silently discarded or mixed.
 """
 
 from __future__ import annotations
@@ -18,12 +21,12 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from .errors import ResumeMismatchError
 from .methods import LayerResult, ModuleLog
 from .qtensor import QuantizedWeight
 
@@ -43,23 +46,44 @@ def _atomic_save(
     os.replace(tmp, path)
 
 
+def _read_state(state_file: Path) -> dict:
+    """state.json, or {} when it is unreadable (a resume directory from a crashed write): never resumed."""
+    try:
+        state = json.loads(state_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    return state if isinstance(state, dict) and isinstance(state.get("layers_done"), int) else {}
+
+
 class ResumeState:
     """Reads and writes one pipeline run's resume directory."""
 
-    def __init__(self, directory: Path | None, fp: str) -> None:
-        self.dir, self.fp, self.layers_done = directory, fp, 0
+    def __init__(self, directory: Path | None, parts: dict[str, object]) -> None:
+        """``parts``: what the run depends on (name -> JSON-able value); each is fingerprinted on its own
+        so a mismatch names the part that differs."""
+        self.parts = {name: fingerprint(value) for name, value in parts.items()}
+        self.dir, self.fp, self.layers_done = directory, fingerprint(self.parts), 0
         if directory is None:
             return
         state_file = directory / "state.json"
         if state_file.is_file():
-            state = json.loads(state_file.read_text())
-            if state.get("fingerprint") == fp:
-                self.layers_done = int(state["layers_done"])
-                logger.info("resuming from %s: %d layers already done", directory, self.layers_done)
-            else:
-                logger.warning("discarding %s: it belongs to a different run", directory)
-                shutil.rmtree(directory)
+            state = _read_state(state_file)
+            if state.get("fingerprint") != self.fp:
+                raise ResumeMismatchError(
+                    f"{directory} holds a different run's resume state ({self._difference(state)} differs); "
+                    "rerun with the same inputs to resume it, or pass --no-resume (resume=False) to start "
+                    "over"
+                )
+            self.layers_done = int(state["layers_done"])
+            logger.info("resuming from %s: %d layers already done", directory, self.layers_done)
         directory.mkdir(parents=True, exist_ok=True)
+
+    def _difference(self, state: dict) -> str:
+        saved = state.get("parts")
+        if not isinstance(saved, dict):
+            return "the llmquant version that wrote it"
+        diff = [name for name, fp in self.parts.items() if saved.get(name) != fp]
+        return ", ".join(diff) or "its fingerprint"
 
     def save_layer(
         self,
@@ -85,7 +109,8 @@ class ResumeState:
                 {f"batch_{j}": a for j, a in enumerate(activations)}, self.dir / "activations.safetensors"
             )
         tmp = self.dir / "state.json.tmp"
-        tmp.write_text(json.dumps({"fingerprint": self.fp, "layers_done": index + 1}))
+        state = {"fingerprint": self.fp, "layers_done": index + 1, "parts": self.parts}
+        tmp.write_text(json.dumps(state, sort_keys=True))
         os.replace(tmp, self.dir / "state.json")
 
     def load_layer(self, index: int) -> tuple[LayerResult, dict[str, torch.Tensor]]:

@@ -126,7 +126,7 @@ def run_once(dims: dict, layers: int, args: argparse.Namespace, device: str) -> 
         from llmquant.api import save_quantized
 
         t0 = time.perf_counter()
-        save_quantized(result, args.save)
+        save_quantized(result, args.save, overwrite=True)
         out["save_s"] = round(time.perf_counter() - t0, 2)
     out["peak_host_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)
     return out

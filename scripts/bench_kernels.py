@@ -7,7 +7,7 @@ Two parts, both written to ``--out``:
    dispatched path) and of fp16 ``torch.matmul``, speedup, and the effective bandwidth of ours
    (bytes of packed weights + scales + zeros + activations + output, divided by the time) as a
    fraction of the measured device-to-device copy bandwidth. Also each forced path (gemv for
-   M <= 16, gemm, dequantize-once + cuBLAS) so the dispatch thresholds in ``kernels/configs.py`` can
+   M <= 16, gemm, dequantize-once + cuBLAS) so the dispatch thresholds in ``llmquant_kernels/configs.py`` can
    be checked. -> ``kernels.csv``, ``kernels.md``, ``kernels.png`` (if matplotlib is installed).
 2. Decode: tokens/s of a LLaMA-7B-shaped stack (32 layers of q/k/v/o/gate/up/down linears, random
    weights) at batch 1 and 16, one decode step captured in a CUDA graph, ours vs fp16. Attention

@@ -71,6 +71,7 @@ def main() -> None:
         "--group-size",
         "128",
         "--no-resume",
+        "--overwrite",
     ]
     if args.method == "gptq":
         _tokenizer(model_dir, calib, args.vocab)

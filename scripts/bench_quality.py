@@ -326,7 +326,7 @@ def child_main(spec_path: str) -> int:
     load_after = load_average()
 
     t0 = time.perf_counter()
-    out = save_quantized(result, spec["out_dir"], format=spec["format"], tokenizer=tokenizer)
+    out = save_quantized(result, spec["out_dir"], format=spec["format"], tokenizer=tokenizer, overwrite=True)
     save_seconds = time.perf_counter() - t0
     damps = [log.damp for log in result.logs if getattr(log, "damp", None) is not None]
     _write_json(

@@ -43,7 +43,9 @@ def main() -> None:
 
     model_dir = _prepare_test_model()
     t0 = time.perf_counter()
-    summary = quantize_checkpoint(model_dir, args.out, RTNConfig(QuantScheme(4, 128, True)), format="gptq")
+    summary = quantize_checkpoint(
+        model_dir, args.out, RTNConfig(QuantScheme(4, 128, True)), format="gptq", overwrite=True
+    )
     quant_s = time.perf_counter() - t0
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     ev = evaluate_checkpoint(args.out, args.text, base=model_dir, windows=args.windows)

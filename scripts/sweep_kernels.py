@@ -3,7 +3,7 @@
 Where ``bench_kernels.py`` times the dispatched op with whatever the autotuner picks, this times every
 config of a hand-written grid on a few shapes and M values, so kernel variants (the GEMV's ``FAST`` /
 ``PREFETCH``, the GEMM's ``SCALE_AFTER`` / ``ONE_DOT``) can be compared with each
-other and with fp16 cuBLAS, and the autotune lists in ``kernels/configs.py`` set from data.
+other and with fp16 cuBLAS, and the autotune lists in ``llmquant_kernels/configs.py`` set from data.
 
 Each config is run once and checked against the fp32 reference (relative error; a config that fails
 to compile or mismatches is recorded as such), then timed like ``bench_kernels.py``: ``do_bench``

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
@@ -134,10 +136,21 @@ def test_resume_after_interruption_is_bit_identical(make_tiny_llama, tmp_path, m
         assert torch.equal(full.model(ids).logits, resumed.model(ids).logits)
 
 
-def test_resume_ignores_a_different_run(make_tiny_llama, tmp_path) -> None:
+def test_resume_refuses_a_different_run(make_tiny_llama, tmp_path) -> None:
+    """A resume directory of another run is refused with the part that differs (never silently discarded
+    or mixed in); once it is removed (what --no-resume does), the run equals a fresh one."""
+    from llmquant.errors import ResumeMismatchError
+
     model_dir = tmp_path / "m"
     make_tiny_llama().save_pretrained(model_dir)
     pipeline.quantize(model_dir, GPTQConfig(SCHEME), _blocks(), resume_dir=tmp_path / "r", progress=False)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "r").iterdir()}
+    with pytest.raises(ResumeMismatchError, match=r"\(method config differs\)"):
+        pipeline.quantize(
+            model_dir, GPTQConfig(SCHEME, damp=0.1), _blocks(), resume_dir=tmp_path / "r", progress=False
+        )
+    assert {p.name: p.read_bytes() for p in (tmp_path / "r").iterdir()} == before
+    shutil.rmtree(tmp_path / "r")
     other = pipeline.quantize(
         model_dir, GPTQConfig(SCHEME, damp=0.1), _blocks(), resume_dir=tmp_path / "r", progress=False
     )

@@ -202,20 +202,42 @@ def detect_format(
     Reads configs written by llmquant, AutoGPTQ, GPTQModel, optimum/transformers, AutoAWQ and
     llm-compressor; raises ``ValueError`` naming what is unsupported otherwise.
     """
+    from ..errors import CheckpointError
+
     _ensure_builtin()
     if not isinstance(quantization_config, dict):
-        raise ValueError(f"quantization_config must be a dict, got {type(quantization_config).__name__}")
+        raise CheckpointError(f"quantization_config must be a dict, got {type(quantization_config).__name__}")
     method = str(quantization_config.get("quant_method", "")).lower()
     candidates = [f for f in _REGISTRY.values() if f.quant_method == method]
     if not candidates:
         known = sorted({f.quant_method for f in _REGISTRY.values()})
-        raise ValueError(
+        raise CheckpointError(
             f"unsupported quant_method {quantization_config.get('quant_method')!r}; llmquant reads {known}"
         )
-    fmt = get_format(candidates[0].resolve(quantization_config))
-    scheme, flags = fmt.parse_config(quantization_config)
+    try:
+        fmt = get_format(candidates[0].resolve(quantization_config))
+        scheme, flags = fmt.parse_config(quantization_config)
+    except CheckpointError:
+        raise
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError, OverflowError) as exc:
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise CheckpointError(f"invalid {method} quantization_config: {reason}") from exc
     logger.debug("detected format %s, scheme %s, flags %s", fmt.name, scheme, flags)
     return fmt, scheme, flags
+
+
+def unpack_module(
+    fmt: CheckpointFormat, tensors: dict[str, Any], scheme: QuantScheme, n: int, k: int, where: str
+) -> Any:
+    """``fmt.unpack`` with a CheckpointError naming the module and file (``where``) when the stored
+    tensors are missing, misshapen or hold impossible values."""
+    from ..errors import CheckpointError
+
+    try:
+        return fmt.unpack(tensors, scheme, n, k)
+    except (ValueError, TypeError, KeyError, IndexError, RuntimeError) as exc:
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise CheckpointError(f"{where}: cannot unpack ({reason}); the checkpoint is corrupted") from exc
 
 
 def group_size_to_config(scheme: QuantScheme) -> int:

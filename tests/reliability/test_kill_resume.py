@@ -10,11 +10,9 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import _train_tokenizer
 
-
-def _checkpoint(make_tiny_llama, calib: Path, path: Path) -> Path:
-    tokenizer = _train_tokenizer([calib.read_text()], vocab_size=256)
+def _checkpoint(make_tiny_llama, make_tiny_tokenizer, calib: Path, path: Path) -> Path:
+    tokenizer = make_tiny_tokenizer([calib.read_text()], vocab_size=256)
     make_tiny_llama(vocab=len(tokenizer), layers=5, tie=False).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
@@ -44,10 +42,13 @@ def _kill_after(cmd: list[str], state: Path, layers_done: int) -> int:
     return proc.wait()
 
 
-def test_kill9_twice_then_rerun_is_byte_identical(make_tiny_llama, calib_text_file, tmp_path) -> None:
+def test_kill9_twice_then_rerun_is_byte_identical(
+    make_tiny_llama, make_tiny_tokenizer, calib_text_file, tmp_path
+) -> None:
     """Killed after layer 1, resumed and killed again after layer 3, then finished: same bytes as one run."""
-    model = _checkpoint(make_tiny_llama, calib_text_file, tmp_path / "m")
-    subprocess.run(_cmd(model, tmp_path / "ref", calib_text_file), check=True, capture_output=True)
+    model = _checkpoint(make_tiny_llama, make_tiny_tokenizer, calib_text_file, tmp_path / "m")
+    ref = tmp_path / "uninterrupted" / "out"  # same folder name: the model card names the folder
+    subprocess.run(_cmd(model, ref, calib_text_file), check=True, capture_output=True)
     out, partial = tmp_path / "out", tmp_path / "out.partial"
     for layers_done in (1, 3):
         code = _kill_after(_cmd(model, out, calib_text_file), partial / "state.json", layers_done)
@@ -56,4 +57,4 @@ def test_kill9_twice_then_rerun_is_byte_identical(make_tiny_llama, calib_text_fi
     rerun = subprocess.run(_cmd(model, out, calib_text_file), capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr
     assert "resuming" in rerun.stderr and "3 layers already done" in rerun.stderr and not partial.exists()
-    assert _files(out) == _files(tmp_path / "ref")
+    assert _files(out) == _files(ref)
