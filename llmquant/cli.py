@@ -131,6 +131,13 @@ def _add_awq_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_output(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "-o", "--output", required=True, help="output directory (written atomically; must not exist)"
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace the output directory if it exists")
+
+
 def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "quantize",
@@ -140,10 +147,7 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
         formatter_class=_HelpFormatter,
     )
     p.add_argument("model", help="local Hugging Face checkpoint directory (float weights)")
-    p.add_argument(
-        "-o", "--output", required=True, help="output directory (written atomically; must not exist)"
-    )
-    p.add_argument("--overwrite", action="store_true", help="replace the output directory if it exists")
+    _add_output(p)
     p.add_argument(
         "--dry-run",
         action="store_true",
@@ -407,10 +411,7 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
         formatter_class=_HelpFormatter,
     )
     p.add_argument("input", help="quantized checkpoint (llmquant's or another tool's)")
-    p.add_argument(
-        "-o", "--output", required=True, help="output directory (written atomically; must not exist)"
-    )
-    p.add_argument("--overwrite", action="store_true", help="replace the output directory if it exists")
+    _add_output(p)
     p.add_argument("--format", required=True, help="gptq | gptq_v2 | awq | compressed-tensors")
     p.add_argument(
         "--base-model", default=None, help="hub id the model card names as the base model (default: none)"

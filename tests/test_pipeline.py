@@ -30,6 +30,24 @@ def _blocks(
     return CalibrationBlocks(ids, mask, "test", fingerprint(ids, mask))
 
 
+def interrupt_run(monkeypatch, model_dir, cfg, resume_dir, at_call: int) -> None:
+    """Run ``pipeline.quantize`` with resume and interrupt it (KeyboardInterrupt) at the ``at_call``-th
+    layer it starts quantizing; the patch is undone afterwards."""
+    calls = {"n": 0}
+    original = pipeline._quantize_layer
+
+    def dying(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == at_call:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "_quantize_layer", dying)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.quantize(model_dir, cfg, _blocks(), resume_dir=resume_dir, progress=False)
+    monkeypatch.setattr(pipeline, "_quantize_layer", original)
+
+
 def _codes(result: pipeline.QuantizationResult) -> dict[str, tuple]:
     return {n: (qw.codes, qw.scales, qw.zeros) for n, qw in result.quantized.items()}
 
@@ -111,19 +129,8 @@ def test_resume_after_interruption_is_bit_identical(make_tiny_llama, tmp_path, m
     cfg = GPTQConfig(SCHEME, act_order=True, static_groups=False)
     full = pipeline.quantize(model_dir, cfg, _blocks(), progress=False)
 
-    calls = {"n": 0}
     original = pipeline._quantize_layer
-
-    def dying(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(pipeline, "_quantize_layer", dying)
-    with pytest.raises(KeyboardInterrupt):
-        pipeline.quantize(model_dir, cfg, _blocks(), resume_dir=tmp_path / "r", progress=False)
-    monkeypatch.setattr(pipeline, "_quantize_layer", original)
+    interrupt_run(monkeypatch, model_dir, cfg, tmp_path / "r", at_call=3)
     assert (tmp_path / "r" / "state.json").is_file()
 
     done = []

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_pipeline import _blocks
+from test_pipeline import _blocks, interrupt_run
 
 from llmquant import pipeline
 from llmquant.api import save_quantized
@@ -157,19 +157,7 @@ def test_killed_awq_run_resumes_to_a_byte_identical_checkpoint(
     full = pipeline.quantize(model_dir, cfg, _blocks(), progress=False)
     a = save_quantized(full, tmp_path / "a", format="awq")
 
-    calls = {"n": 0}
-    original = pipeline._quantize_layer
-
-    def dying(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == die_at:
-            raise KeyboardInterrupt
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(pipeline, "_quantize_layer", dying)
-    with pytest.raises(KeyboardInterrupt):
-        pipeline.quantize(model_dir, cfg, _blocks(), resume_dir=tmp_path / "r", progress=False)
-    monkeypatch.setattr(pipeline, "_quantize_layer", original)
+    interrupt_run(monkeypatch, model_dir, cfg, tmp_path / "r", at_call=die_at)
     resumed = pipeline.quantize(model_dir, cfg, _blocks(), resume_dir=tmp_path / "r", progress=False)
     b = save_quantized(resumed, tmp_path / "b", format="awq")
     files = sorted(
