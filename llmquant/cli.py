@@ -287,11 +287,15 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
         formatter_class=_HelpFormatter,
     )
     p.add_argument("path", help="quantized checkpoint (or a float HF checkpoint)")
-    p.add_argument("--text", default=None, help="UTF-8 text file, e.g. wikitext-2 wiki.test.raw")
+    p.add_argument(
+        "--text",
+        default=None,
+        help="UTF-8 text file, e.g. wikitext-2 wiki.test.raw (default: none; this or --tasks)",
+    )
     p.add_argument(
         "--tasks",
         default=None,
-        help="comma-separated lm-eval tasks (needs the [eval] extra) instead of --text",
+        help="comma-separated lm-eval tasks (needs the [eval] extra) instead of --text (default: none)",
     )
     p.add_argument(
         "--include-path", default=None, help="folder of extra lm-eval task YAML files (default: none)"

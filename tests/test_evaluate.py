@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 import math
 from pathlib import Path
 from types import SimpleNamespace
@@ -160,6 +161,7 @@ def test_tokenize_corpus_whole_file_without_special_tokens_or_warning(
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
+    caplog.set_level(logging.WARNING, logger="transformers")  # an earlier in-process CLI run may raise it
     backend = Tokenizer(models.WordLevel({"[UNK]": 0, "<s>": 1, "a": 2, "b": 3, "é": 4}, unk_token="[UNK]"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
