@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .config import QuantScheme
-from .grid import _grouped, dequantize_codes, qparams_from_range, quantize_codes
+from .grid import _grouped, dequantize_codes, fake_quantize, qparams_from_range, quantize_codes
 
 SCALE_FLOOR = 1e-4  # the reference implementations' clamp on candidate scales (and on w_mean's offset)
 
@@ -54,11 +54,6 @@ class ClipPlan:
     wmax: torch.Tensor  # [N, G] float32
     loss: float  # summed output error (sum over groups of e^T H_gg e) after clipping
     loss_unclipped: float
-
-
-def channel_abs_mean(x: torch.Tensor) -> torch.Tensor:
-    """Mean |x| per input channel: X [tokens, K] -> [K] (float32)."""
-    return x.float().abs().mean(dim=0)
 
 
 def weight_channel_mean(weights: list[torch.Tensor], group_size: int | None) -> torch.Tensor:
@@ -114,8 +109,6 @@ def search_scales(
 def scaled_fake_quant(w: torch.Tensor, scales: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
     """``dequant(quant(W * s)) / s`` in W's dtype: what the balanced linear computes on the unscaled input
     once ``s`` is folded and the scaled weight rounded to nearest (min-max grid)."""
-    from .grid import fake_quantize
-
     ws = w.float() * scales[None, :]  # W [N, K] * s [1, K]
     return (fake_quantize(ws, scheme) / scales[None, :]).to(w.dtype)
 

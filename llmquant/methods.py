@@ -207,7 +207,8 @@ class GPTQRounder:
         from .gptq import accumulate_hessian, hessian_init
 
         out: LayerResult = {}
-        for phase in self.phases(ctx.arch):
+        phases = self.phases(ctx.arch)
+        for i, phase in enumerate(phases):
             stats: dict[str, tuple[torch.Tensor, int]] = {}
 
             def add(name: str, x: torch.Tensor, stats: dict = stats) -> None:
@@ -220,7 +221,8 @@ class GPTQRounder:
             for group in phase:
                 H, n = stats[group[0]]
                 done.update(self._quantize_group(layer, group, H / max(n, 1), n))
-            ctx.write_back(layer, done)  # the next phase sees this phase's quantized outputs
+            if i < len(phases) - 1:  # the next phase sees this phase's quantized outputs (the pipeline
+                ctx.write_back(layer, done)  # writes back the last one with every other rounder's)
             out.update(done)
         return out
 

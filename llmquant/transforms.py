@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
 
 import torch
 from torch import nn
@@ -206,6 +205,3 @@ class AWQTransform:
             )
             clip_weight_(linear, plan, self.scheme.group_size)
             notes[name].update(clip_loss=plan.loss, clip_loss_unclipped=plan.loss_unclipped)
-
-    def checkpoint_meta(self) -> dict[str, Any]:
-        return {}

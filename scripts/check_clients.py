@@ -246,7 +246,7 @@ def run_pair(client: Client, row: Row, ckpt: Path, prompts: list[list[int]], wor
         row.status = "error"
         row.note = exception_line((job / "stderr.log").read_text(errors="replace"))
         return row
-    result = torch.load(job / "result.pt", weights_only=False)
+    result = torch.load(job / "result.pt", weights_only=True)  # tensors, lists, dicts, str: no pickle
     row.versions = result["versions"]
     reference = Reference.get(ckpt, row.dtype, prompts[0])
     compare(row, result, reference, prompts)
