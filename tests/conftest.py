@@ -26,6 +26,22 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
+def _restore_logging():
+    """cli.main configures logging for a CLI process (levels of noisy loggers, a root handler); undo it
+    after every test so later tests in the same process see the defaults."""
+    import logging
+
+    from llmquant.cli import NOISY_LOGGERS
+
+    levels = {n: logging.getLogger(n).level for n in ("", *NOISY_LOGGERS)}
+    handlers = list(logging.getLogger().handlers)
+    yield
+    for n, level in levels.items():
+        logging.getLogger(n).setLevel(level)
+    logging.getLogger().handlers[:] = handlers
+
+
+@pytest.fixture(autouse=True)
 def _seed() -> None:
     """Fix the global torch seed for every test."""
     torch.manual_seed(0)

@@ -5,7 +5,6 @@ every checkpoint gets, with the run's true calibration hash, module log and (aft
 from __future__ import annotations
 
 import json
-import logging
 import re
 
 import pytest
@@ -14,7 +13,7 @@ from transformers import AutoTokenizer
 
 from llmquant import card, pipeline
 from llmquant.api import inspect_checkpoint, save_quantized
-from llmquant.cli import NOISY_LOGGERS, main
+from llmquant.cli import main
 from llmquant.config import QuantScheme, RTNConfig
 
 PLACEHOLDERS = re.compile(r"\bNone\b|\bnan\b|\bn/a\b|TODO|TBD|\?\?|<[A-Z_]+>")
@@ -168,15 +167,6 @@ def test_evaluations_go_to_the_body_and_model_index() -> None:
 # ---------------------------------------------------------------------------------------------------
 # cards of real (tiny) checkpoints
 # ---------------------------------------------------------------------------------------------------
-@pytest.fixture(autouse=True)
-def _restore_logging():
-    """cli.main configures logging for a CLI process; undo it so other tests see the defaults."""
-    levels = {n: logging.getLogger(n).level for n in ("", *NOISY_LOGGERS)}
-    handlers = list(logging.getLogger().handlers)
-    yield
-    for n, level in levels.items():
-        logging.getLogger(n).setLevel(level)
-    logging.getLogger().handlers[:] = handlers
 
 
 def test_quantize_writes_the_runs_card(tiny_checkpoint, calib_text_file, tmp_path, capsys) -> None:

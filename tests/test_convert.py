@@ -26,21 +26,6 @@ IDS = torch.tensor([[1, 5, 9, 2, 7, 3, 11, 4], [8, 6, 4, 2, 10, 12, 14, 16]])
 AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]  # AutoAWQ: nibble i of a word holds column order[i] of its 8
 
 
-@pytest.fixture
-def _restore_logging():
-    """cli.main configures logging for a CLI process; undo it so other tests see the defaults."""
-    import logging
-
-    from llmquant.cli import NOISY_LOGGERS
-
-    levels = {n: logging.getLogger(n).level for n in ("", *NOISY_LOGGERS)}
-    handlers = list(logging.getLogger().handlers)
-    yield
-    for n, level in levels.items():
-        logging.getLogger(n).setLevel(level)
-    logging.getLogger().handlers[:] = handlers
-
-
 # ---------------------------------------------------------------------------------------------------
 # An independent reader, from the specs (features.md section b), in numpy
 # ---------------------------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ import yaml
 
 from llmquant import pipeline
 from llmquant.api import save_quantized
-from llmquant.cli import NOISY_LOGGERS, main
+from llmquant.cli import main
 from llmquant.config import QuantScheme, RTNConfig
 
 TOKEN = "hf_llmquantTestToken0123456789abcdef"
@@ -243,17 +243,6 @@ def hub(monkeypatch, tmp_path):
     fake.server.server_close()
     thread.join()
     assert set(hosts) <= {"127.0.0.1"}, hosts
-
-
-@pytest.fixture(autouse=True)
-def _restore_logging():
-    """cli.main configures logging for a CLI process; undo it so other tests see the defaults."""
-    levels = {n: logging.getLogger(n).level for n in ("", *NOISY_LOGGERS)}
-    handlers = list(logging.getLogger().handlers)
-    yield
-    for n, level in levels.items():
-        logging.getLogger(n).setLevel(level)
-    logging.getLogger().handlers[:] = handlers
 
 
 @pytest.fixture
