@@ -8,8 +8,9 @@ Every result is compared with ``llmquant.from_pretrained`` of the same checkpoin
 
 - logits on fixed prompts: max |client - ours| relative to max |ours| (full vocabulary for transformers;
   vLLM's top-20 raw logits at every position, teacher-forced on vLLM's own sequence), argmax agreement;
-- greedy generations (32 tokens, argmax of raw logits, no EOS stop): identical, or the first divergence
-  with our top-1/top-2 margin there (a near-tie at the dtype's rounding is the usual cause).
+- greedy generations (32 tokens, argmax of raw logits, no EOS stop): identical, or the first difference
+  with our margin there (an exact tie at the dtype's rounding is the usual cause), then, llmquant fed
+  the client's tokens, how many of them are our argmax up to exact ties (``Reference.follow``).
 
 Clients (built on first use under ``~/.cache/llmquant/clients/<name>``, the CPU ``torch==2.13.0`` wheel
 first; vLLM's CUDA-linked torchvision/torchaudio/torchcodec removed): see ``CLIENTS``.
@@ -144,23 +145,29 @@ def main(argv: list[str] | None = None) -> int:
     done = load_rows(work / "rows.jsonl") if args.resume else {}
     if not args.resume:
         (work / "rows.jsonl").unlink(missing_ok=True)
+    plan = [  # checkpoint-major, so each checkpoint's llmquant references load once for all clients
+        (name, client, mode)
+        for name, fmt, _sym in ckpts
+        for client in clients
+        for run_fmt, mode in client.runs
+        if run_fmt == fmt
+    ]
+    order = {(n, c.name, m): (clients.index(c), i) for i, (n, c, m) in enumerate(plan)}
     rows, built = [], {}
-    for client in clients:
-        for name, fmt, _sym in ckpts:
-            for run_fmt, mode in client.runs:
-                if run_fmt != fmt:
-                    continue
-                if (name, client.name, mode) in done:  # measured by an interrupted earlier invocation
-                    rows.append(done[(name, client.name, mode)])
-                    continue
-                if client.name not in built:
-                    built[client.name] = ensure_client(client, work / "logs")
-                row = Row(name, client.name, mode, client.dtype, path=str(paths[name]))
-                rows.append(run_pair(client, row, paths[name], tokenizer_ids, work, built[client.name]))
-                save_row(work / "rows.jsonl", row)
-                print(format_row(row), flush=True)
-                if not args.no_write:  # the doc so far: an interrupted run still leaves its rows
-                    write_doc(Path(args.doc), rows, render_table(rows), clients, argv)
+    for name, client, mode in plan:
+        if (name, client.name, mode) in done:  # measured by an interrupted earlier invocation
+            rows.append(done[(name, client.name, mode)])
+            continue
+        if client.name not in built:
+            built[client.name] = ensure_client(client, work / "logs")
+        row = Row(name, client.name, mode, client.dtype, path=str(paths[name]))
+        rows.append(run_pair(client, row, paths[name], tokenizer_ids, work, built[client.name]))
+        save_row(work / "rows.jsonl", row)
+        print(format_row(row), flush=True)
+        rows.sort(key=lambda r: order[(r.checkpoint, r.client, r.mode)])  # the table is client-major
+        if not args.no_write:  # the doc so far: an interrupted run still leaves its rows
+            write_doc(Path(args.doc), rows, render_table(rows), clients, argv)
+    rows.sort(key=lambda r: order[(r.checkpoint, r.client, r.mode)])
     print("\n" + render_table(rows))
     if not args.no_write:
         print(f"wrote {args.doc}")
@@ -328,24 +335,30 @@ class Reference:
         return self.model(torch.tensor([ids])).logits[0].float()
 
     @torch.no_grad()
-    def greedy(self, prompt: list[int], steps: int) -> tuple[list[int], list[float]]:
-        """Greedy tokens (argmax of raw logits, KV cache, no EOS stop) and the top-1 - top-2 margins."""
+    def follow(self, prompt: list[int], theirs: list[int]) -> list[tuple[int, float]]:
+        """Our greedy decoding walked along the client's tokens (KV cache, raw logits, no EOS stop).
+
+        Per generated position: our argmax, and our top-1 logit minus our logit of the client's token
+        (0 where the client picked our argmax or a token whose logit ties with it exactly). Until the
+        client first picks another token this *is* our greedy generation (same prefix, same logits);
+        after it, the client's token is fed, so one tie broken the other way does not make every later
+        token a "divergence" of a different sequence.
+        """
         out = self.model(torch.tensor([prompt]), use_cache=True)
-        tokens, margins = [], []
-        for _ in range(steps):
-            top = out.logits[0, -1].float().topk(2)
-            tokens.append(int(top.indices[0]))
-            margins.append(float(top.values[0] - top.values[1]))
-            out = self.model(
-                torch.tensor([[tokens[-1]]]), past_key_values=out.past_key_values, use_cache=True
-            )
-        return tokens, margins
+        steps = []
+        for i, tok in enumerate(theirs):
+            logits = out.logits[0, -1].float()
+            top = float(logits.max())
+            steps.append((int(logits.argmax()), top - float(logits[tok])))
+            if i + 1 < len(theirs):
+                out = self.model(torch.tensor([[tok]]), past_key_values=out.past_key_values, use_cache=True)
+        return steps
 
 
 def memoize_dequantized(model: torch.nn.Module) -> None:
     """Dequantize every QuantLinear once and reuse it: the CPU reference path (``quant_matmul_ref``)
     redoes it on every call, which makes 100 greedy steps of 210 linears slow. Same math: W rounded to
-    the activation dtype, x[perm] @ W in float32, + bias, cast back."""
+    the activation dtype (once per dtype), x[perm] @ W in float32, + bias, cast back."""
     from llmquant.kernels.layout import dequantize_ref
 
     from llmquant.nn import QuantLinear
@@ -358,10 +371,14 @@ def memoize_dequantized(model: torch.nn.Module) -> None:
             module.qweight, module.scales, module.zeros, module.bits, module.kernel_group_size, k
         )  # float32 [K, N]
 
-        def forward(x, m=module, w=w):
+        rounded: dict[torch.dtype, torch.Tensor] = {}  # W rounded to each activation dtype, as float32
+
+        def forward(x, m=module, w=w, rounded=rounded):
             if m.perm is not None:
                 x = x[..., m.perm.long()]
-            y = x.float() @ w.to(x.dtype).float()
+            if x.dtype not in rounded:
+                rounded[x.dtype] = w.to(x.dtype).float()
+            y = x.float() @ rounded[x.dtype]
             return (y if m.bias is None else y + m.bias.float()).to(x.dtype)
 
         module.forward = forward
@@ -410,7 +427,7 @@ def compare(row: Row, result: dict, ref: Reference, prompts: list[list[int]]) ->
     if hard:
         problems.append(f"{hard} argmax differ away from ties")
     if prefix < MIN_IDENTICAL:
-        problems.append(f"a generation diverges before token {MIN_IDENTICAL}, not at a near-tie")
+        problems.append(f"a generation diverges before token {MIN_IDENTICAL}, not at a tie")
     loading = result.get("loading") or {}
     missing, mismatched = loading.get("missing_keys") or [], loading.get("mismatched_keys") or []
     if missing or mismatched:
@@ -438,23 +455,37 @@ def position_diffs(ours: torch.Tensor, theirs: torch.Tensor, ids: torch.Tensor |
 
 
 def generation_summary(generated: list[list[int]], ref: Reference, prompts, tie: float) -> tuple[str, int]:
-    """Identical, or each prompt's first divergence with our top-1 - top-2 margin there; and the
-    shortest identical prefix among divergences that are not near-ties (margin above ``tie``, the
-    largest logit difference measured between the client and us), ``MAX_NEW_TOKENS`` if none."""
-    parts, worst = [], MAX_NEW_TOKENS
+    """Per prompt: identical, or where the client's greedy tokens first differ from ours, with our margin
+    there (our top-1 logit minus our logit of the client's token: 0 is an exact tie, at most ``tie``, the
+    largest logit difference measured between the client and us, a near-tie); then, fed the client's
+    tokens, how many of them are our argmax up to exact ties and the first that is not even a near-tie.
+    Also returns the earliest such non-tie divergence over the prompts, ``MAX_NEW_TOKENS`` if none."""
+    parts, worst, same_all = [], MAX_NEW_TOKENS, 0
     for prompt, theirs in zip(prompts, generated):
-        ours, margins = ref.greedy(prompt, MAX_NEW_TOKENS)
-        same = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), len(ours))
-        if same == len(ours):
+        steps = ref.follow(prompt, theirs[:MAX_NEW_TOKENS])
+        n = len(steps)
+        same = next((i for i, (a, tok) in enumerate(zip(steps, theirs)) if a[0] != tok), n)
+        if same == n:
+            same_all += 1
             continue
-        margin = margins[same]
-        kind = "exact tie" if margin == 0 else ("near-tie" if margin <= tie else "NOT a tie")
-        parts.append(f"diverges at token {same} ({kind}: our top-2 margin {margin:.3g})")
-        if margin > tie:
-            worst = min(worst, same)
-    if not parts:
-        return f"identical {MAX_NEW_TOKENS}/{MAX_NEW_TOKENS} on {len(prompts)} prompts", worst
-    return f"{len(prompts) - len(parts)}/{len(prompts)} identical; " + "; ".join(parts), worst
+        gaps = [gap for _, gap in steps]
+        real = next((i for i, gap in enumerate(gaps) if gap > tie), None)
+        text = f"differs at token {same} ({_tie_kind(gaps[same], tie)}: our margin {gaps[same]:.3g})"
+        agree = sum(gap == 0 for gap in gaps)
+        near = sum(0 < gap <= tie for gap in gaps)
+        text += f", fed its tokens: {agree}/{n} our argmax up to exact ties"
+        if near:
+            text += f", {near} near-ties"
+        if real is not None:
+            text += f", first non-tie at token {real} (our margin {gaps[real]:.3g})"
+            worst = min(worst, real)
+        parts.append(text)
+    head = f"{same_all}/{len(prompts)} identical {MAX_NEW_TOKENS}/{MAX_NEW_TOKENS}"
+    return "; ".join([head, *parts]), worst
+
+
+def _tie_kind(gap: float, tie: float) -> str:
+    return "exact tie" if gap == 0 else ("near-tie" if gap <= tie else "NOT a tie")
 
 
 # -- output ------------------------------------------------------------------------------------------
@@ -505,9 +536,22 @@ def write_doc(path: Path, rows: list[Row], table: str, clients: list[Client], ar
         "vocabulary for transformers; vLLM's top-20 raw logits at every position, teacher-forced on its own",
         "sequence); `ok` needs that at most twice our noise floor (llmquant in the row's dtype vs llmquant",
         f"in float32 on the same inputs; at least {TOLERANCE['float32']:.0e}), every argmax equal except at",
-        "near-ties (our top-2 margin within that noise), greedy generations identical for at least "
-        + f"{MIN_IDENTICAL} of {MAX_NEW_TOKENS} tokens unless the divergence is at such a tie",
-        "(each divergence is listed with our margin there), and no re-initialized or mismatched tensor.",
+        "near-ties (our top-2 margin within that noise), no re-initialized or mismatched tensor, and no",
+        f"greedy divergence before token {MIN_IDENTICAL} that is not at a tie (below).",
+        "",
+        f"Greedy generations: {MAX_NEW_TOKENS} tokens from each prompt, argmax of the raw logits, no EOS",
+        "stop, both sides in the row's dtype. `identical` counts the prompts whose tokens all equal ours;",
+        "otherwise the row names the token where the client's sequence first differs and our margin",
+        "there: our top-1 logit minus our logit of the client's token. `exact tie` (margin 0): the two",
+        "tokens' logits are equal in our run, so which one is the argmax is decided by rounding alone; in",
+        "bfloat16 that is common (its spacing is 0.125 for logits between 16 and 32), and vLLM, whose",
+        "kernels round differently, breaks such a tie the other way. `near-tie`: the margin is within the",
+        "largest logit difference measured between the client and us. After the first difference the two",
+        "texts differ, so their later tokens cannot be compared one by one; instead llmquant is fed the",
+        "client's tokens (KV cache, as in generation) and the row counts how many of the client's tokens",
+        "are our argmax up to an exact tie (`fed its tokens: 32/32 ...` means every token the client",
+        "generated is a greedy choice of ours), and names the first one that is not even a near-tie, if",
+        "any.",
         "",
         "## Client versions",
         "",

@@ -52,18 +52,49 @@ def test_position_diffs_full_and_topk(cc) -> None:
 
 
 class _FakeRef:
-    def __init__(self, tokens, margins):
-        self.tokens, self.margins = tokens, margins
+    """``follow`` from a table of our logits: ``logits[prefix of the client's tokens]`` -> {token: logit}."""
 
-    def greedy(self, prompt, steps):
-        return self.tokens[:steps], self.margins[:steps]
+    def __init__(self, logits):
+        self.logits = logits
+
+    def follow(self, prompt, theirs):
+        steps = []
+        for i, tok in enumerate(theirs):
+            row = self.logits[tuple(theirs[:i])]
+            top = max(row.values())
+            steps.append((max(row, key=lambda t: (row[t], -t)), top - row.get(tok, -100.0)))
+        return steps
 
 
-def test_generation_summary_names_ties_and_real_divergences(cc, monkeypatch) -> None:
+def test_generation_summary_follows_the_client_past_ties(cc, monkeypatch) -> None:
     monkeypatch.setattr(cc, "MAX_NEW_TOKENS", 4)
-    ref = _FakeRef([1, 2, 3, 4], [1.0, 0.0, 0.01, 2.0])
-    text, prefix = cc.generation_summary([[1, 2, 3, 4]], ref, [[0]], tie=0.05)
-    assert text == "identical 4/4 on 1 prompts" and prefix == 4
-    text, prefix = cc.generation_summary([[1, 9, 9, 9], [1, 2, 3, 9]], ref, [[0], [0]], tie=0.05)
-    assert "diverges at token 1 (exact tie" in text and "diverges at token 3 (NOT a tie" in text
-    assert prefix == 3  # only the non-tie divergence counts against the bar
+    ours = {  # our greedy text is 1 2 3 4; token 2 ties exactly with 5 after "1"
+        (): {1: 3.0, 7: 1.0},
+        (1,): {2: 2.0, 5: 2.0},
+        (1, 2): {3: 2.0, 8: 1.99},
+        (1, 2, 3): {4: 5.0, 9: 1.0},
+        (1, 5): {6: 4.0, 9: 1.0},
+        (1, 5, 6): {7: 4.0, 9: 3.98},
+        (1, 2, 8): {4: 5.0, 9: 1.0},
+    }
+    ref = _FakeRef(ours)
+    text, first = cc.generation_summary([[1, 2, 3, 4]], ref, [[0]], tie=0.05)
+    assert text == "1/1 identical 4/4" and first == 4
+    # the client breaks the tie the other way, then stays on our argmax: 4/4, no real divergence
+    text, first = cc.generation_summary([[1, 5, 6, 7]], ref, [[0]], tie=0.05)
+    assert text == (
+        "0/1 identical 4/4; differs at token 1 (exact tie: our margin 0), "
+        "fed its tokens: 4/4 our argmax up to exact ties"
+    )
+    assert first == 4
+    # a near-tie (0.02 <= tie) is named but does not count; a real divergence does
+    text, first = cc.generation_summary([[1, 5, 6, 9], [1, 2, 8, 9]], ref, [[0], [0]], tie=0.05)
+    head, tied, real = text.split("; ")
+    assert head == "0/2 identical 4/4"
+    assert tied == "differs at token 1 (exact tie: our margin 0), fed its tokens: 3/4 " + (
+        "our argmax up to exact ties, 1 near-ties"
+    )
+    assert real == "differs at token 2 (near-tie: our margin 0.01), fed its tokens: 2/4 " + (
+        "our argmax up to exact ties, 1 near-ties, first non-tie at token 3 (our margin 4)"
+    )
+    assert first == 3
