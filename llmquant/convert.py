@@ -173,6 +173,8 @@ def convert_checkpoint(
     shapes, not_converted = quantized_shapes(src, fmt.quantized_module_names(index))
     weights = _SourceWeights(src, fmt, scheme, shapes, index)
     permuted = _check_convertible(weights, target, scheme, src, fmt)
+    for note in target.engine_notes(scheme, act_order=permuted):
+        logger.warning(note)  # where the converted checkpoint will not run as is, and what runs there
     packed = _pack_all(target, weights, scheme, permuted)
     plain_keys = [k for k in index if k.rpartition(".")[0] not in shapes or k.endswith(".bias")]
     plain = load_tensors(src, plain_keys)

@@ -246,10 +246,17 @@ def test_bf16_scales_convert_only_when_exact_in_fp16(make_tiny_llama, tmp_path) 
     assert not (tmp_path / "bad").exists()
 
 
-def test_cli_convert_and_refusal(make_tiny_llama, tmp_path, capsys) -> None:
+def test_cli_convert_and_refusal(make_tiny_llama, tmp_path, capsys, caplog) -> None:
     src = _rtn(make_tiny_llama(), tmp_path, "src", QuantScheme(4, 32, False), "gptq_v2")
     assert main(["convert", str(src), "-o", str(tmp_path / "ct"), "--format", "compressed-tensors"]) == 0
     assert "gptq_v2 -> compressed-tensors" in capsys.readouterr().out
+    # asym compressed-tensors needs an option in transformers with compressed-tensors 0.18-0.20.1: one line
+    (note,) = [r.getMessage() for r in caplog.records if "compressed-tensors 0.18" in r.getMessage()]
+    assert "\n" not in note and "CompressedTensorsConfig(dequantize=True)" in note
+    caplog.clear()
+    assert main(["convert", str(tmp_path / "ct"), "-o", str(tmp_path / "v2"), "--format", "gptq_v2"]) == 0
+    (note,) = [r.getMessage() for r in caplog.records if "vLLM" in r.getMessage()]
+    assert "bits=4, sym=False" in note and "--format awq or compressed-tensors" in note
     assert main(["convert", str(src), "-o", str(tmp_path / "v1"), "--format", "gptq"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("llmquant: error: cannot convert src (gptq_v2, w4 g32 asym)")
