@@ -302,27 +302,39 @@ def _count(items: Sequence[Any], noun: str) -> str:
 
 
 def runtime_support(facts: Mapping[str, Any]) -> list[tuple[str, bool, str]]:
-    """(runtime, loads it, note) for llmquant, transformers and vLLM (rules: features.md section b)."""
-    fmt, bits, sym = facts["format"], facts["bits"], facts["sym"]
+    """(runtime, loads it, note) for llmquant, transformers and vLLM (rules: features.md section b; the
+    engine limits measured by ``scripts/check_clients.py`` come from the format's ``engine_notes``)."""
+    fmt, bits = facts["format"], facts["bits"]
     ragged = bool(facts.get("ragged")) and facts.get("group_size") is not None
     extra = {"compressed-tensors": "compressed-tensors"}.get(fmt, "gptqmodel")
     out = [("llmquant", True, "any device; Triton kernels on CUDA, PyTorch elsewhere")]
     if ragged:
         note = "a layer's input size is not a multiple of the group size (ragged last group)"
         return [*out, ("transformers", False, note), ("vLLM", False, note)]
-    out.append(("transformers", True, f"needs `pip install {extra}`"))
+    notes = _engine_notes(facts)
+    hf_notes = [n for n in notes if n.startswith("transformers")]
+    out.append(("transformers", True, "; ".join([f"needs `pip install {extra}`", *hf_notes])))
+    refused = [n for n in notes if n.startswith("vLLM")]  # every vLLM note is a refusal
     marlin_groups = facts.get("group_size") in (None, 32, 64, 128)
-    if fmt == "compressed-tensors" and bits not in (4, 8):
+    if refused:
+        out.append(("vLLM", False, "; ".join(refused)))
+    elif fmt == "compressed-tensors" and bits not in (4, 8):
         out.append(("vLLM", False, f"vLLM's WNA16 scheme takes 4- or 8-bit weights, not {bits}-bit"))
-    elif fmt == "gptq_v2":
-        out.append(("vLLM", True, "GPTQ kernel with `use_v2_format` (vLLM PR #26092); not Marlin"))
-    elif fmt == "gptq" and not (sym and bits in (4, 8) and marlin_groups):
+    elif fmt.startswith("gptq") and not marlin_groups:
         out.append(("vLLM", True, "GPTQ (exllama) kernel; Marlin needs 4/8-bit sym, group -1/32/64/128"))
     elif fmt == "awq" and not marlin_groups:
         out.append(("vLLM", True, "AWQ GEMM kernel; awq_marlin needs group size -1/32/64/128"))
     else:
         out.append(("vLLM", True, "Marlin kernels where the GPU supports them"))
     return out
+
+
+def _engine_notes(facts: Mapping[str, Any]) -> list[str]:
+    from .config import QuantScheme
+    from .formats import get_format
+
+    scheme = QuantScheme(facts["bits"], facts.get("group_size"), sym=facts["sym"])
+    return get_format(facts["format"]).engine_notes(scheme, act_order=bool(facts.get("permuted")))
 
 
 def load_snippets(facts: Mapping[str, Any]) -> dict[str, str]:
@@ -335,12 +347,17 @@ def load_snippets(facts: Mapping[str, Any]) -> dict[str, str]:
         )
     else:
         llmquant = f'import llmquant\n\nmodel = llmquant.from_pretrained("{ref}", device="cuda")'
+    hf_imports, hf_args = "AutoModelForCausalLM, AutoTokenizer", 'device_map="auto"'
+    if facts.get("format") == "compressed-tensors" and not facts.get("sym", True):
+        # compressed-tensors 0.18-0.20.1 refuse the packed asym zero point otherwise (engine_notes)
+        hf_imports += ", CompressedTensorsConfig"
+        hf_args += ", quantization_config=CompressedTensorsConfig(dequantize=True)"
     return {
         "llmquant": llmquant,
         "transformers": (
-            "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+            f"from transformers import {hf_imports}\n\n"
             f'tokenizer = AutoTokenizer.from_pretrained("{ref}")\n'
-            f'model = AutoModelForCausalLM.from_pretrained("{ref}", device_map="auto")'
+            f'model = AutoModelForCausalLM.from_pretrained("{ref}", {hf_args})'
         ),
         "vLLM": f'from vllm import LLM\n\nllm = LLM(model="{ref}")  # or: vllm serve {ref}',
     }

@@ -119,7 +119,11 @@ def test_body_states_the_run() -> None:
         ({"ragged": True}, "transformers", False, "ragged last group"),
         ({"format": "compressed-tensors", "bits": 3}, "vLLM", False, "not 3-bit"),
         ({"format": "compressed-tensors"}, "transformers", True, "pip install compressed-tensors"),
-        ({"format": "gptq_v2", "sym": False}, "vLLM", True, "use_v2_format"),
+        ({"format": "gptq_v2", "sym": False}, "vLLM", False, "bits=4, sym=False"),  # measured, clients.md
+        ({"format": "gptq_v2", "sym": True}, "vLLM", True, "Marlin kernels"),
+        ({"format": "gptq", "permuted": True}, "vLLM", False, "desc_act"),
+        ({"format": "compressed-tensors", "sym": False}, "transformers", True, "dequantize=True"),
+        ({"format": "compressed-tensors", "sym": False}, "vLLM", True, "Marlin kernels"),
         ({"format": "gptq", "group_size": 256}, "vLLM", True, "Marlin needs"),
         ({"format": "awq"}, "vLLM", True, "Marlin kernels"),
     ],
@@ -130,6 +134,8 @@ def test_runtime_support(overrides, runtime, loads, note) -> None:
     assert support[runtime][0] is loads and note in support[runtime][1]
     text = card.render_card(_facts(**overrides))
     assert ("LLM(model=" in text) == support["vLLM"][0]
+    dequantize = overrides.get("format") == "compressed-tensors" and overrides.get("sym") is False
+    assert ("quantization_config=CompressedTensorsConfig(dequantize=True))" in text) == dequantize
 
 
 def test_evaluations_go_to_the_body_and_model_index() -> None:
