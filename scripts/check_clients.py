@@ -46,6 +46,7 @@ MAX_NEW_TOKENS = 32
 MIN_IDENTICAL = 16  # the bar for generations: identical for at least this many tokens
 TOLERANCE = {"float32": 1e-3}  # max |diff| / max |logit| in float32; below it, twice our noise floor
 TORCH_CPU = "torch==2.13.0"
+CHILD_TIMEOUT = 3600  # seconds per (checkpoint, client) child; the clients run at nice 15 on a shared CPU
 
 
 @dataclass(frozen=True)
@@ -197,6 +198,7 @@ def load_rows(path: Path) -> dict[tuple[str, str, str], Row]:
     if not path.is_file():
         return {}
     rows = [Row(**json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if r.status != "timeout"]  # measured again
     return {(r.checkpoint, r.client, r.mode): r for r in rows}
 
 
@@ -248,7 +250,11 @@ def run_pair(client: Client, row: Row, ckpt: Path, prompts: list[list[int]], wor
     cmd += [str(job / "request.json"), str(job / "result.pt")]
     env = dict(os.environ, PYTHONNOUSERSITE="1", TOKENIZERS_PARALLELISM="false")
     with open(job / "stdout.log", "w") as out, open(job / "stderr.log", "w") as err:
-        proc = subprocess.run(cmd, stdout=out, stderr=err, env=env, timeout=1800, cwd=job)
+        try:
+            proc = subprocess.run(cmd, stdout=out, stderr=err, env=env, timeout=CHILD_TIMEOUT, cwd=job)
+        except subprocess.TimeoutExpired:  # a starved CPU, not a verdict on the client: --resume reruns it
+            row.status, row.note = "timeout", f"no result after {CHILD_TIMEOUT} s; see {job / 'stderr.log'}"
+            return row
     if proc.returncode:
         row.status = "error"
         row.note = exception_line((job / "stderr.log").read_text(errors="replace"))

@@ -98,3 +98,18 @@ def test_generation_summary_follows_the_client_past_ties(cc, monkeypatch) -> Non
         "our argmax up to exact ties, 1 near-ties, first non-tie at token 3 (our margin 4)"
     )
     assert first == 3
+
+
+def test_a_child_that_times_out_is_a_row_that_resume_measures_again(cc, monkeypatch, tmp_path) -> None:
+    def too_slow(cmd, **kwargs):
+        raise cc.subprocess.TimeoutExpired(cmd, kwargs["timeout"])
+
+    monkeypatch.setattr(cc.subprocess, "run", too_slow)
+    client = cc.CLIENTS["transformers-ct"]
+    row = cc.Row("compressed-tensors-sym", client.name, "default", client.dtype)
+    cc.run_pair(client, row, tmp_path / "ckpt", [[1, 2]], tmp_path, None)
+    assert row.status == "timeout" and f"no result after {cc.CHILD_TIMEOUT} s" in row.note
+    cc.save_row(tmp_path / "rows.jsonl", row)
+    done = cc.Row("awq-sym", "vllm", "default", "bfloat16", status="error", note="refused")
+    cc.save_row(tmp_path / "rows.jsonl", done)
+    assert list(cc.load_rows(tmp_path / "rows.jsonl")) == [("awq-sym", "vllm", "default")]
