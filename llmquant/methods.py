@@ -29,6 +29,7 @@ from torch import nn
 
 from .arch import ArchSpec
 from .config import AWQConfig, GPTQConfig, MethodConfig, QuantScheme, RTNConfig
+from .faults import kill_point
 from .grid import quantize_weight
 from .qtensor import QuantizedWeight
 
@@ -221,6 +222,7 @@ class GPTQRounder:
             for group in phase:
                 H, n = stats[group[0]]
                 done.update(self._quantize_group(layer, group, H / max(n, 1), n))
+                kill_point("gptq.group")
             if i < len(phases) - 1:  # the next phase sees this phase's quantized outputs (the pipeline
                 ctx.write_back(layer, done)  # writes back the last one with every other rounder's)
             out.update(done)

@@ -32,6 +32,7 @@ from . import __version__
 from .arch import ArchSpec
 from .calibration import SYNTHETIC, CalibrationBlocks, load_calibration
 from .config import CalibrationConfig, MethodConfig
+from .faults import kill_point
 from .methods import Call, LayerPlan, LayerResult, ModuleLog, make_plan
 from .nn import QuantLinear, set_module
 from .numerics import check_finite_activations
@@ -53,6 +54,7 @@ class QuantizationResult:
     calibration: dict | None = None
     seconds: float = 0.0
     resume_dir: Path | None = None  # delete once the checkpoint is saved (``save_quantized`` does)
+    fingerprint: str | None = None  # of the run's inputs (resume.ResumeState); written to quant_log.json
 
 
 class _StopForward(Exception):
@@ -249,6 +251,7 @@ def capture_layer_inputs(
             inputs.append(captured["x"].to("cpu"))
             kwargs_list.append({k: _to(v, torch.device("cpu")) for k, v in captured["kwargs"].items()})
             masks.append(mask.bool() if padded else None)
+            kill_point("capture.batch")
     finally:
         handle.remove()
         for m, p_dtype in saved:
@@ -357,7 +360,7 @@ def quantize(
     )
     seconds = time.perf_counter() - t0
     weights = QuantizedWeights(source.model, quantized)
-    return QuantizationResult(source.model, weights, config, logs, calib, seconds, state.dir)
+    return QuantizationResult(source.model, weights, config, logs, calib, seconds, state.dir, state.fp)
 
 
 def _transformed_tensors(layer: nn.Module, result: LayerResult) -> dict[str, torch.Tensor]:
@@ -389,16 +392,20 @@ def _quantize_layer(
         layer.to(device=device)
         return plan.rounder.quantize_layer(layer, _Context(index, arch, [], [], [], device, dtype))
     layer.to(device=device, dtype=dtype)
+    kill_point("layer.loaded")
     ctx.index = index
     notes: dict[str, dict] = {}
     for transform in plan.transforms:
         for name, note in transform.apply(layer, ctx).items():
             notes.setdefault(name, {}).update(note)
+        kill_point("layer.transformed")
     result = plan.rounder.quantize_layer(layer, ctx)
+    kill_point("layer.rounded")
     ctx.write_back(layer, result)
     with torch.inference_mode():
         ctx.inputs = ctx.run(layer, keep=True)
     check_finite_activations(ctx.inputs, index, dtype)
+    kill_point("layer.propagated")
     if notes:
         result = {
             n: (qw, dataclasses.replace(log, transform=notes.get(n) or None))
