@@ -2,11 +2,14 @@
 
 Atomicity: everything is written into a temporary directory ``<out_dir>.tmp-<random>`` beside the
 target (same filesystem), optionally checked by a ``verify`` callback, and only then renamed into
-place. If ``out_dir`` already exists it is first renamed aside to ``<out_dir>.old-<random>``, the new
-directory is renamed in, and the old one is deleted. A reader therefore never sees a half-written
-``out_dir``: it sees the complete old checkpoint, the complete new one, or (for the instant between the
-two renames) no directory at all. Any failure before the swap removes the temporary directory and leaves
-``out_dir`` untouched.
+place. An existing ``out_dir`` is swapped with it in one step (Linux ``renameat2(RENAME_EXCHANGE)``) and
+then deleted, so ``out_dir`` always holds a complete checkpoint, the old one or the new one; where the
+exchange is not supported, ``out_dir`` is renamed aside to ``<out_dir>.old-<random>`` first (for the
+instant between the two renames there is no ``out_dir``). Any failure before the swap removes the
+temporary directory and leaves ``out_dir`` untouched. A writer killed outright (``kill -9``, power loss)
+leaves its temporary directory behind: the next write to the same ``out_dir`` deletes such leftovers
+(each live writer holds an ``flock`` on its temporary directory, so only a dead writer's are taken), and
+puts back an ``.old-`` directory whose swap was cut short.
 
 Reading is lazy: :func:`load_tensors` opens shards with ``safetensors.safe_open`` and reads only the
 requested tensors, so callers can stream one layer at a time.
@@ -14,9 +17,13 @@ requested tensors, so callers can stream one layer at a time.
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import fcntl
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable
@@ -30,6 +37,7 @@ from torch import nn
 
 from .config import QuantScheme
 from .errors import CheckpointError, ModelConfigError, ModelNotFoundError
+from .faults import kill_point
 from .formats.base import CheckpointFormat, detect_format, get_format, llmquant_version, stores_permutation
 from .qtensor import QuantizedWeight
 
@@ -80,7 +88,9 @@ def write_checkpoint(
     _check_file_names(extra_files, copy_files)
     tensors = _prepare_tensors(tensors)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_writes(out_dir)
     tmp = Path(tempfile.mkdtemp(prefix=f"{out_dir.name}.tmp-", dir=out_dir.parent))
+    lock = _lock(tmp)  # held until this write ends: marks ``tmp`` as a live writer's
     try:
         tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it 0700: give it a normal directory's mode
         _write_shards(tmp, tensors, {"format": "pt", **(metadata or {})}, max_shard_size)
@@ -91,13 +101,59 @@ def write_checkpoint(
             shutil.copy2(src, tmp / src.name)
         if verify is not None:
             verify(tmp)
+        kill_point("save.verified")
         _follow_umask_(tmp)
         _swap_into_place(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        os.close(lock)
     logger.info("wrote checkpoint %s (%d tensors)", out_dir, len(tensors))
     return out_dir
+
+
+def _lock(directory: Path) -> int:
+    """An open descriptor of ``directory`` holding an exclusive ``flock`` (released when closed or when
+    the process dies)."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
+
+
+def remove_stale_writes(out_dir: str | os.PathLike[str]) -> list[Path]:
+    """Delete what writers of ``out_dir`` killed outright left beside it: ``<name>.tmp-XXXXXXXX``
+    directories no live process holds locked, and put back (or delete, when ``out_dir`` exists) an
+    ``<name>.old-XXXXXXXX`` directory a cut-short swap left. Returns the paths removed or restored."""
+    out_dir = Path(out_dir).absolute()
+    pattern = re.compile(re.escape(out_dir.name) + r"\.(tmp|old)-[a-z0-9_]{8}")
+    try:
+        entries = sorted(out_dir.parent.iterdir())
+    except OSError:
+        return []
+    done = []
+    for path in entries:
+        match = pattern.fullmatch(path.name)
+        if match is None or path.is_symlink() or not path.is_dir():
+            continue
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # a live writer's
+            os.close(fd)
+            continue
+        if match.group(1) == "old" and not out_dir.exists():
+            os.rename(path, out_dir)
+            logger.warning("restored %s from %s (a write was interrupted mid-swap)", out_dir, path.name)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+            logger.info("removed %s, left by an interrupted write", path)
+        os.close(fd)
+        done.append(path)
+    return done
 
 
 def _umask() -> int:
@@ -193,6 +249,7 @@ def _save(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]
     save_file(tensors, str(path), metadata=metadata)
     _canonical_header_(path)
     _fsync(path)
+    kill_point("save.shard")
 
 
 def _canonical_header_(path: Path) -> None:
@@ -220,6 +277,7 @@ def _canonical_header_(path: Path) -> None:
 def _write_json(path: Path, content: dict[str, Any]) -> None:
     path.write_text(json.dumps(content, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     _fsync(path)
+    kill_point("save.json")
 
 
 def _fsync(path: Path) -> None:
@@ -231,20 +289,61 @@ def _fsync(path: Path) -> None:
 
 
 def _swap_into_place(tmp: Path, out_dir: Path) -> None:
-    """Rename ``tmp`` to ``out_dir``, moving an existing ``out_dir`` aside first and deleting it after."""
-    old: Path | None = None
-    if out_dir.exists():
-        old = Path(tempfile.mkdtemp(prefix=f"{out_dir.name}.old-", dir=out_dir.parent))
-        os.rmdir(old)
-        os.rename(out_dir, old)
-    try:
+    """Rename ``tmp`` to ``out_dir``; an existing ``out_dir`` is exchanged with it in one step (where the
+    filesystem allows, else moved aside first) and then deleted."""
+    previous: Path | None = None
+    if not out_dir.exists():
         os.rename(tmp, out_dir)
-    except BaseException:
-        if old is not None:
-            os.rename(old, out_dir)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        _fsync_dir(out_dir.parent)
+    elif _exchange(tmp, out_dir):
+        previous = tmp
+    else:
+        previous = Path(tempfile.mkdtemp(prefix=f"{out_dir.name}.old-", dir=out_dir.parent))
+        os.rmdir(previous)
+        os.rename(out_dir, previous)
+        try:
+            os.rename(tmp, out_dir)
+        except BaseException:
+            os.rename(previous, out_dir)
+            raise
+    kill_point("save.swapped")
+    if previous is not None:
+        shutil.rmtree(previous, ignore_errors=True)
+
+
+_RENAME_EXCHANGE = 2  # linux/fs.h
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap the paths ``a`` and ``b`` atomically (``renameat2(RENAME_EXCHANGE)``); False where the
+    platform or filesystem does not support it."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        _fsync_dir(b.parent)
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename in ``directory`` durable (best effort: not every filesystem allows it)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -523,6 +622,7 @@ def _pack_all(
                 f"{name}: packed tensors {got} do not match the schema {schema}"
             )
         out.update({f"{name}.{suffix}": t for suffix, t in tensors.items()})
+        kill_point("save.packed")
     if ragged:
         logger.warning(
             "%d modules have in_features not divisible by group_size %s (ragged last group), e.g. %s; "

@@ -119,6 +119,57 @@ def test_existing_dir_replaced_atomically(tmp_path: Path) -> None:
     assert _siblings(out) == ["ckpt"]
 
 
+@pytest.mark.parametrize("exchange", [True, False], ids=["renameat2-exchange", "rename-aside"])
+def test_replacing_swaps_without_a_gap_or_falls_back(tmp_path: Path, monkeypatch, exchange: bool) -> None:
+    """With RENAME_EXCHANGE the output path never disappears during the swap (observed from inside the
+    swap); without it (other platforms), the two-rename fallback still replaces the directory."""
+    from llmquant import io
+
+    out = tmp_path / "ckpt"
+    write_checkpoint(out, {"x": torch.ones(2)}, config={"v": 1})
+    exchange_ = io._exchange
+    seen: list[dict] = []
+
+    def observed(a: Path, b: Path) -> bool:
+        done = exchange_(a, b) if exchange else False
+        seen.append(read_config(b) if b.exists() else {})
+        return done
+
+    monkeypatch.setattr(io, "_exchange", observed)
+    write_checkpoint(out, {"x": torch.zeros(2)}, config={"v": 2})
+    assert seen == ([{"v": 2}] if exchange else [{"v": 1}])  # exchanged in one step / not yet moved
+    assert read_config(out) == {"v": 2} and torch.equal(load_tensors(out)["x"], torch.zeros(2))
+    assert _siblings(out) == ["ckpt"]
+
+
+def test_stale_temporary_directories_are_removed_and_a_cut_swap_restored(tmp_path: Path) -> None:
+    """What a writer killed outright leaves (``ckpt.tmp-XXXXXXXX``; ``ckpt.old-XXXXXXXX`` with no
+    ``ckpt``) is cleaned by the next write or put back; a live writer's locked directory and a
+    directory with another name are left alone."""
+    import fcntl
+    import os
+
+    from llmquant.io import remove_stale_writes
+
+    out = tmp_path / "ckpt"
+    for name in ("ckpt.tmp-dead0001", "ckpt.tmp-live0001", "ckpt.tmp-mine", "ckpt.old-prev0001", "other"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps({"name": name}))
+    live = os.open(tmp_path / "ckpt.tmp-live0001", os.O_RDONLY | os.O_DIRECTORY)
+    fcntl.flock(live, fcntl.LOCK_EX)
+    try:
+        removed = remove_stale_writes(out)
+        assert [p.name for p in removed] == ["ckpt.old-prev0001", "ckpt.tmp-dead0001"]
+        assert read_config(out) == {"name": "ckpt.old-prev0001"}  # the cut-short swap's previous output
+        assert _siblings(out) == ["ckpt", "ckpt.tmp-live0001", "ckpt.tmp-mine", "other"]
+    finally:
+        os.close(live)
+    (tmp_path / "ckpt.tmp-dead0002").mkdir()
+    write_checkpoint(out, {"x": torch.ones(2)}, config={"v": 3})
+    assert read_config(out) == {"v": 3}
+    assert _siblings(out) == ["ckpt", "ckpt.tmp-mine", "other"]  # the released one went with the dead one
+
+
 def test_shared_storage_and_bad_names_rejected(tmp_path: Path) -> None:
     a = torch.randn(4, 4)
     with pytest.raises(ValueError, match="share memory"):
