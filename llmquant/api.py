@@ -36,15 +36,20 @@ def save_quantized(
     the hub id the card names as the base model (default: the source's id when it was loaded from the
     hub). ``push_to_hub="owner/name"``: then upload the checkpoint there in one commit
     (``llmquant.hub.push_checkpoint``; ``private`` for a new repo). An existing ``out_dir`` is refused
-    (``OutputExistsError``) unless ``overwrite``, and then replaced atomically."""
+    (``OutputExistsError``) unless ``overwrite``, and then replaced atomically; so is one that this run
+    wrote before it was killed (``quant_log.json`` records the run's fingerprint, and the resume
+    directory still holds it: the kill came between the rename and dropping the resume directory)."""
     from .hub import card_writer, check_repo_id, describe_base, push_checkpoint
     from .io import save_quantized as _save
     from .preflight import check_output
 
-    check_output(out_dir, overwrite=overwrite)  # ``out_dir`` must not exist unless ``overwrite``
-
     if push_to_hub is not None:
         check_repo_id(push_to_hub)  # before writing anything
+    resume_dir = result.resume_dir
+    if resume_dir is not None and _finished_before(Path(out_dir), resume_dir, result.fingerprint):
+        logger.info("%s was written by this run before it was interrupted; writing it again", out_dir)
+        overwrite = True
+    check_output(out_dir, overwrite=overwrite)  # ``out_dir`` must not exist unless ``overwrite``
 
     config = result.config
     if format is None:
@@ -66,16 +71,40 @@ def save_quantized(
         extra_meta=meta,
         tokenizer=tokenizer,
         max_shard_size=max_shard_size,
-        extra_files={"quant_log.json": {"modules": [log.__dict__ for log in result.logs]}},
+        extra_files={"quant_log.json": _quant_log(result)},
         finalize=card_writer(Path(out_dir).name, repo_id=push_to_hub),
     )
-    if result.resume_dir is not None and result.resume_dir.exists():
-        import shutil
-
-        shutil.rmtree(result.resume_dir)
+    _drop_resume(result)
     if push_to_hub is not None:
         push_checkpoint(path, push_to_hub, private=private)
     return path
+
+
+QUANT_LOG = "quant_log.json"
+
+
+def _quant_log(result: QuantizationResult) -> dict[str, Any]:
+    log: dict[str, Any] = {"modules": [log.__dict__ for log in result.logs]}
+    if result.fingerprint is not None:
+        log["run_fingerprint"] = result.fingerprint
+    return log
+
+
+def written_by(out_dir: str | Path) -> str | None:
+    """The run fingerprint an llmquant output directory's ``quant_log.json`` records, if any."""
+    try:
+        log = json.loads((Path(out_dir) / QUANT_LOG).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    fp = log.get("run_fingerprint") if isinstance(log, dict) else None
+    return fp if isinstance(fp, str) else None
+
+
+def _drop_resume(result: QuantizationResult) -> None:
+    from .resume import drop_resume_dir
+
+    if result.resume_dir is not None and result.resume_dir.exists():
+        drop_resume_dir(result.resume_dir)
 
 
 def natural_format(config: MethodConfig, in_features: set[int]) -> str:
@@ -166,14 +195,36 @@ def plan_quantization(
 
         check_source(calibration)
         preflight.check_seqlen(calibration.seqlen, raw, model_dir)
-    preflight.check_output(out_dir, overwrite=overwrite)
+    partial = out_dir.with_name(out_dir.name + ".partial")
+    finished = resume and _finished_before(out_dir, partial)
+    preflight.check_output(out_dir, overwrite=overwrite or finished)
     plan = preflight.make_plan(
         raw, tensors, config, calibration if calibrated else None, batch_size=batch_size
     )
-    partial = out_dir.with_name(out_dir.name + ".partial")
     has_partial = resume and partial.is_dir()
     preflight.check_disk(out_dir, plan.output_bytes + (0 if has_partial else plan.resume_bytes))
     return {"format": format, "plan": plan, "available_memory": preflight.available_memory()}
+
+
+def _finished_before(out_dir: Path, partial: Path, fingerprint: str | None = None) -> bool:
+    """Whether ``out_dir`` was written by the run whose resume state ``partial`` holds (and whose
+    fingerprint is ``fingerprint``, if given): that run was killed after the write, before dropping its
+    resume state, so a rerun of the same command may replace ``out_dir``."""
+    from .resume import read_fingerprint
+
+    fp = read_fingerprint(partial) if partial.is_dir() else None
+    return fp is not None and fingerprint in (None, fp) and written_by(out_dir) == fp
+
+
+def _drop_stateless_partial(out_dir: Path) -> None:
+    """Delete ``OUT.partial`` when ``OUT`` exists and the partial directory holds no progress (no readable
+    state.json): what a run killed while dropping its resume directory, after writing ``OUT``, leaves."""
+    from .resume import drop_resume_dir, read_fingerprint
+
+    partial = out_dir.with_name(out_dir.name + ".partial")
+    if out_dir.is_dir() and partial.is_dir() and read_fingerprint(partial) is None:
+        logger.info("removing %s: it holds no progress (left by an interrupted cleanup)", partial)
+        drop_resume_dir(partial)
 
 
 def quantize_checkpoint(
@@ -203,6 +254,7 @@ def quantize_checkpoint(
         from .hub import describe_base
 
         describe_base(None, base_model)  # option errors first: ValueError if it is not a hub id
+    _drop_stateless_partial(out_dir)
     planned = plan_quantization(
         model_dir, out_dir, config, calibration, format=format, batch_size=batch_size,
         overwrite=overwrite, resume=resume,
@@ -224,9 +276,9 @@ def quantize_checkpoint(
         tokenizer = None
     resume_dir = out_dir.with_name(out_dir.name + ".partial")
     if not resume and resume_dir.exists():
-        import shutil
+        from .resume import drop_resume_dir
 
-        shutil.rmtree(resume_dir)
+        drop_resume_dir(resume_dir)
     result = quantize(
         model_dir,
         config,

@@ -17,6 +17,7 @@ is bit-identical) before it is moved into place, and it gets a fresh model card.
 from __future__ import annotations
 
 import fnmatch
+import json
 import logging
 import os
 from collections.abc import Iterator, Mapping
@@ -184,12 +185,13 @@ def convert_checkpoint(
         _verify_checkpoint(tmp, target, scheme, weights, plain, set(packed))
         finalize(tmp)
 
+    copies, logs = _files_to_copy(src)
     path = write_checkpoint(
         out_dir,
         {**plain, **packed},
         config=config,
-        extra_files=target.extra_files(new_qc),
-        copy_files=_files_to_copy(src),
+        extra_files=target.extra_files(new_qc) | logs,
+        copy_files=copies,
         metadata={"llmquant_version": llmquant_version(), "quantization_format": target.name},
         max_shard_size=max_shard_size,
         verify=verify,
@@ -257,16 +259,32 @@ def _target_config(
     return out
 
 
-def _files_to_copy(src: Path) -> list[Path]:
-    """Tokenizer, generation config, chat template, quant log and license files of ``src``."""
-    copies, skipped = [], []
+def _files_to_copy(src: Path) -> tuple[list[Path], dict[str, dict]]:
+    """Tokenizer, generation config, chat template, quant log and license files of ``src``; an llmquant
+    ``quant_log.json`` is returned as JSON content (second item) without the quantize run's fingerprint
+    (which marks that run's own output, see ``api.save_quantized``)."""
+    copies, skipped, logs = [], [], {}
     for f in sorted(src.iterdir()):
         if not f.is_file() or f.name == CONFIG_FILE or f.name.endswith(".safetensors"):
             continue
-        if any(fnmatch.fnmatch(f.name, pattern) for pattern in COPIED_FILES):
+        log = _quant_log_without_run(f) if f.name == "quant_log.json" else None
+        if log is not None:
+            logs[f.name] = log
+        elif any(fnmatch.fnmatch(f.name, pattern) for pattern in COPIED_FILES):
             copies.append(f)
         elif not f.name.endswith(".safetensors.index.json"):
             skipped.append(f.name)
     if skipped:
         logger.info("not copied from %s: %s (the output gets its own)", src, ", ".join(skipped))
-    return copies
+    return copies, logs
+
+
+def _quant_log_without_run(path: Path) -> dict | None:
+    """``path``'s JSON without ``run_fingerprint`` when it has one (else None: the file is copied)."""
+    try:
+        log = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(log, dict) or "run_fingerprint" not in log:
+        return None
+    return {k: v for k, v in log.items() if k != "run_fingerprint"}
