@@ -115,6 +115,16 @@ class _Context:
                 outs.append(y.to("cpu"))
         return outs
 
+    def propagate(self, layer: nn.Module) -> None:
+        """Every cached batch through ``layer``, each batch's inputs overwritten by its outputs as soon
+        as they exist: the activation cache is held once (plus one batch's working memory), not twice,
+        and stays where it is (in memory, or in the mapped file of ``activation_buffers``)."""
+        with torch.inference_mode():
+            for j, x in enumerate(self.inputs):
+                kwargs = {k: _to(v, self.device) for k, v in self.kwargs[j].items()}
+                y = layer(x.to(self.device, self.dtype), **kwargs)
+                x.copy_(y[0] if isinstance(y, tuple) else y)  # x is no longer needed
+
     def collect_inputs(
         self, layer: nn.Module, names: Sequence[str], fn: Callable[[str, torch.Tensor], None]
     ) -> None:
@@ -218,9 +228,15 @@ def _outside_modules(source: ModelSource) -> list[nn.Module]:
 
 
 def capture_layer_inputs(
-    source: ModelSource, blocks: CalibrationBlocks, batch_size: int, device: torch.device, dtype: torch.dtype
+    source: ModelSource,
+    blocks: CalibrationBlocks,
+    batch_size: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    buffers: list[torch.Tensor] | None = None,
 ) -> tuple[list[torch.Tensor], list[dict], list[torch.Tensor | None]]:
-    """Decoder-layer-0 inputs and kwargs for every calibration batch (inputs kept on the CPU)."""
+    """Decoder-layer-0 inputs and kwargs for every calibration batch (inputs kept on the CPU, copied into
+    ``buffers`` when given: see :func:`activation_buffers`)."""
     captured: dict = {}
 
     def pre_hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -248,7 +264,8 @@ def capture_layer_inputs(
                     attention_mask=mask.to(device) if padded else None,
                     use_cache=False,
                 )
-            inputs.append(captured["x"].to("cpu"))
+            x = captured.pop("x")
+            inputs.append(x.to("cpu") if buffers is None else buffers[len(inputs)].copy_(x))
             kwargs_list.append({k: _to(v, torch.device("cpu")) for k, v in captured["kwargs"].items()})
             masks.append(mask.bool() if padded else None)
             kill_point("capture.batch")
@@ -257,6 +274,27 @@ def capture_layer_inputs(
         for m, p_dtype in saved:
             m.to(device="cpu", dtype=p_dtype)
     return inputs, kwargs_list, masks
+
+
+ACTIVATION_CACHE = "activations.cache"
+
+
+def activation_buffers(
+    shape: torch.Size, hidden: int, batch_size: int, dtype: torch.dtype, file: Path | None = None
+) -> list[torch.Tensor]:
+    """Empty [b, seqlen, hidden] buffers for the activation cache of ``shape`` = [n, seqlen] calibration
+    tokens in batches of ``batch_size``: in memory, or (``file``) views of that file mapped shared, whose
+    pages the kernel writes back and may evict under memory pressure (the cache then costs disk reads,
+    not memory)."""
+    n, seqlen = shape
+    sizes = [min(batch_size, n - start) for start in range(0, n, batch_size)]
+    if file is None:
+        return [torch.empty(b, seqlen, hidden, dtype=dtype) for b in sizes]
+    flat = torch.from_file(str(file), shared=True, size=n * seqlen * hidden, dtype=dtype)
+    return [
+        part.view(b, seqlen, hidden)
+        for part, b in zip(flat.split([b * seqlen * hidden for b in sizes]), sizes)
+    ]
 
 
 def _resolve_source(model: PreTrainedModel | ModelSource | str | Path) -> ModelSource:
@@ -300,13 +338,16 @@ def quantize(
     batch_size: int = 8,
     resume_dir: str | Path | None = None,
     progress: bool = True,
+    offload_activations: bool = False,
 ) -> QuantizationResult:
     """Quantize every decoder-layer linear of ``model`` (a loaded model or a checkpoint path).
 
     ``calibration`` (blocks or a config; needs ``tokenizer``) is used by calibrated methods (GPTQ, AWQ).
     Computation runs on ``device`` (default: CUDA if available) in the model's dtype there, in float32
     on the CPU. With ``resume_dir``, every finished layer is checkpointed and an interrupted run
-    with the same inputs continues where it stopped, bit-identically.
+    with the same inputs continues where it stopped, bit-identically. ``offload_activations`` keeps the
+    activation cache in a file of ``resume_dir`` mapped into memory (``activation_buffers``), for runs
+    whose cache does not fit in memory; the results are the same bytes.
     """
     t0 = time.perf_counter()
     source = _resolve_source(model)
@@ -322,11 +363,17 @@ def quantize(
         "calibration data": blocks.fingerprint if blocks else None,
         "batch size / compute dtype": [batch_size, str(compute_dtype)],
     }
-    state = ResumeState(Path(resume_dir) if resume_dir else None, parts)
+    state = ResumeState(Path(resume_dir) if resume_dir else None, parts, {"batch_size": batch_size})
     ctx = None
     if blocks is not None:
-        inputs, kwargs, masks = capture_layer_inputs(source, blocks, batch_size, dev, compute_dtype)
-        inputs = state.load_activations() if state.layers_done else inputs
+        if offload_activations and state.dir is None:
+            raise ValueError("offload_activations needs resume_dir (the cache file is kept there)")
+        file = state.dir / ACTIVATION_CACHE if offload_activations and state.dir else None
+        hidden = source.model.config.hidden_size
+        buffers = activation_buffers(blocks.input_ids.shape, hidden, batch_size, compute_dtype, file)
+        inputs, kwargs, masks = capture_layer_inputs(source, blocks, batch_size, dev, compute_dtype, buffers)
+        if state.layers_done:
+            state.load_activations(into=inputs)
         ctx = _Context(0, source.arch, inputs, kwargs, masks, dev, compute_dtype)
     quantized: list[str] = []
     logs: list[ModuleLog] = []
@@ -402,8 +449,7 @@ def _quantize_layer(
     result = plan.rounder.quantize_layer(layer, ctx)
     kill_point("layer.rounded")
     ctx.write_back(layer, result)
-    with torch.inference_mode():
-        ctx.inputs = ctx.run(layer, keep=True)
+    ctx.propagate(layer)
     check_finite_activations(ctx.inputs, index, dtype)
     kill_point("layer.propagated")
     if notes:

@@ -71,6 +71,13 @@ def read_fingerprint(directory: Path) -> str | None:
     return fp if isinstance(fp, str) else None
 
 
+def recorded_batch_size(directory: Path) -> int | None:
+    """The batch size the run whose state ``directory`` holds used (None without a readable state)."""
+    run = _read_state(directory / "state.json").get("run")
+    batch = run.get("batch_size") if isinstance(run, dict) else None
+    return batch if isinstance(batch, int) and not isinstance(batch, bool) and batch > 0 else None
+
+
 def _read_state(state_file: Path) -> dict:
     """state.json, or {} when it is unreadable (a resume directory from a crashed write): never resumed."""
     try:
@@ -83,10 +90,14 @@ def _read_state(state_file: Path) -> dict:
 class ResumeState:
     """Reads and writes one pipeline run's resume directory."""
 
-    def __init__(self, directory: Path | None, parts: dict[str, object]) -> None:
+    def __init__(
+        self, directory: Path | None, parts: dict[str, object], record: dict[str, object] | None = None
+    ) -> None:
         """``parts``: what the run depends on (name -> JSON-able value); each is fingerprinted on its own
-        so a mismatch names the part that differs."""
+        so a mismatch names the part that differs. ``record``: plain values state.json keeps for a
+        rerun to read (the batch size the memory fit chose, which a resumed run must keep)."""
         self.parts = {name: fingerprint(value) for name, value in parts.items()}
+        self.record = dict(record or {})
         self.dir, self.fp, self.layers_done = directory, fingerprint(self.parts), 0
         if directory is None:
             return
@@ -135,7 +146,7 @@ class ResumeState:
             _atomic_save(batches, _activations_file(self.dir, index + 1))
             kill_point("resume.activations")
         tmp = self.dir / "state.json.tmp"
-        state = {"fingerprint": self.fp, "layers_done": index + 1, "parts": self.parts}
+        state = {"fingerprint": self.fp, "layers_done": index + 1, "parts": self.parts, "run": self.record}
         tmp.write_text(json.dumps(state, sort_keys=True))
         os.replace(tmp, self.dir / "state.json")
         kill_point("resume.state")
@@ -168,15 +179,20 @@ class ResumeState:
         float_state = {k[len("float.") :]: v for k, v in tensors.items() if k.startswith("float.")}
         return out, float_state
 
-    def load_activations(self) -> list[torch.Tensor] | None:
-        """The activations leaving the last finished layer (None without a resume directory)."""
-        if self.dir is None:
-            return None
+    def load_activations(self, into: list[torch.Tensor]) -> None:
+        """Copy the activations leaving the last finished layer into ``into`` (the activation cache's
+        buffers, one per batch), one batch at a time."""
+        assert self.dir is not None
         path = _activations_file(self.dir, self.layers_done)
         try:
-            tensors = load_file(str(path))
-            return [tensors[f"batch_{j}"] for j in range(len(tensors))]
-        except Exception as exc:  # missing file, SafetensorError, a missing batch
+            from safetensors import safe_open
+
+            with safe_open(str(path), "pt") as f:
+                if len(f.keys()) != len(into):
+                    raise ValueError(f"{len(f.keys())} batches saved, {len(into)} expected")
+                for j, buffer in enumerate(into):
+                    buffer.copy_(f.get_tensor(f"batch_{j}"))
+        except Exception as exc:  # missing file, SafetensorError, a missing or misshapen batch
             raise self._damaged(path, exc) from exc
 
     def _damaged(self, path: Path, exc: Exception) -> ResumeStateError:
