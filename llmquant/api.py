@@ -172,11 +172,17 @@ def plan_quantization(
     batch_size: int = 8,
     overwrite: bool = False,
     resume: bool = True,
+    device: str | None = None,
+    adapt: bool = True,
+    available_memory: int | None = None,
 ) -> dict[str, Any]:
     """Every check that can be made before the work (model directory, config, architecture, shard headers,
     format, --seqlen, output path, free disk, memory), without loading any weight; returns the plan:
-    format, sizes and the estimated peak host / device memory (``preflight.Plan``). Raises the typed
-    errors of ``llmquant.errors`` with a one-line message."""
+    ``format``, ``plan`` (sizes and the estimated peak host / device memory, ``preflight.Plan``), ``fit``
+    (``preflight.MemoryFit``: with ``adapt``, a smaller batch size and/or the activation cache on disk
+    when the plan as asked does not fit ``available_memory``, default: what the machine has), ``asked``
+    (the plan as asked) and the resolved ``device``. Raises the typed errors of ``llmquant.errors`` with
+    a one-line message; not fitting in memory is left to the caller (``fit.refuse()``)."""
     from . import preflight
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
@@ -198,12 +204,39 @@ def plan_quantization(
     partial = out_dir.with_name(out_dir.name + ".partial")
     finished = resume and _finished_before(out_dir, partial)
     preflight.check_output(out_dir, overwrite=overwrite or finished)
-    plan = preflight.make_plan(
-        raw, tensors, config, calibration if calibrated else None, batch_size=batch_size
-    )
+    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    calib = calibration if calibrated else None
+
+    def build(batch: int, offload: bool) -> preflight.Plan:
+        return preflight.make_plan(
+            raw, tensors, config, calib, batch_size=batch, device=dev, offload_activations=offload
+        )
+
+    batches = _batch_sizes(batch_size, partial if resume else None, adapt)
+    host = preflight.available_memory() if available_memory is None else available_memory
+    device_free = preflight.available_device_memory(dev)
+    fit = preflight.fit_memory(build, batches, host, device_free, can_offload=adapt and calib is not None)
     has_partial = resume and partial.is_dir()
-    preflight.check_disk(out_dir, plan.output_bytes + (0 if has_partial else plan.resume_bytes))
-    return {"format": format, "plan": plan, "available_memory": preflight.available_memory()}
+    preflight.check_disk(out_dir, fit.plan.output_bytes + (0 if has_partial else fit.plan.resume_bytes))
+    return {
+        "format": format, "plan": fit.plan, "fit": fit, "asked": build(batches[0], False),
+        "available_memory": host, "device": dev,
+    }  # fmt: skip
+
+
+def _batch_sizes(batch_size: int, partial: Path | None, adapt: bool) -> list[int]:
+    """The batch sizes the memory fit may choose from: the one an interrupted run of this command
+    recorded in ``partial`` (a resumed run must keep it), else ``batch_size`` and, with ``adapt``, its
+    halvings."""
+    from .preflight import halvings
+    from .resume import recorded_batch_size
+
+    recorded = recorded_batch_size(partial) if partial is not None and partial.is_dir() else None
+    if recorded is not None and recorded <= batch_size:
+        if recorded != batch_size:
+            logger.info("resuming with batch size %d, as the interrupted run chose", recorded)
+        return [recorded]
+    return halvings(batch_size) if adapt else [batch_size]
 
 
 def _finished_before(out_dir: Path, partial: Path, fingerprint: str | None = None) -> bool:
@@ -240,14 +273,16 @@ def quantize_checkpoint(
     base_model: str | None = None,
     overwrite: bool = False,
     check_memory: bool = True,
+    available_memory: int | None = None,
 ) -> dict[str, Any]:
     """Stream-quantize the checkpoint at ``model_dir`` and save it to ``out_dir``; returns a summary.
 
-    ``plan_quantization``'s checks run first (``out_dir`` must not exist unless ``overwrite``); the
-    estimated peak host memory is refused when clearly over the available memory (``check_memory``)."""
+    ``plan_quantization``'s checks run first (``out_dir`` must not exist unless ``overwrite``). With
+    ``check_memory``, a plan whose estimated peak is over the available memory (``available_memory``
+    bytes of host memory, default: what the machine has) is adapted -- smaller batches, the activation
+    cache on disk -- and said in one warning; when nothing fits it is refused with the numbers
+    (``InsufficientMemoryError``)."""
     from transformers import AutoTokenizer
-
-    from .preflight import check_memory as _check_memory
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     if base_model is not None:
@@ -257,11 +292,14 @@ def quantize_checkpoint(
     _drop_stateless_partial(out_dir)
     planned = plan_quantization(
         model_dir, out_dir, config, calibration, format=format, batch_size=batch_size,
-        overwrite=overwrite, resume=resume,
+        overwrite=overwrite, resume=resume, device=device, adapt=check_memory,
+        available_memory=available_memory,
     )  # fmt: skip
-    format = planned["format"]
+    format, fit = planned["format"], planned["fit"]
     if check_memory:
-        _check_memory(planned["plan"].host_peak, planned["available_memory"])
+        fit.refuse()
+        if fit.changes:
+            logger.warning(fit.note(planned["asked"]))
     from .formats import stores_permutation
 
     rcfg = rounder_config(config)
@@ -284,10 +322,12 @@ def quantize_checkpoint(
         config,
         calibration,
         tokenizer=tokenizer,
-        device=device,
-        batch_size=batch_size,
+        device=planned["device"],
+        batch_size=fit.plan.batch_size,
         resume_dir=resume_dir,
+        offload_activations=fit.plan.offload_activations,
     )
+    logger.info("quantized %d linears in %.1f s; writing %s", len(result.quantized), result.seconds, out_dir)
     path = save_quantized(
         result, out_dir, format=format, tokenizer=tokenizer, base_model=base_model, overwrite=overwrite
     )
