@@ -137,3 +137,36 @@ def test_refused_with_the_numbers_when_nothing_fits(tiny_checkpoint, calib_text_
     )
     assert "batch size 8 -> 1, activation cache on disk in OUT.partial; lower --n-samples" in message
     assert not list(tmp_path.glob("out*"))  # refused before any work
+
+
+def test_offloaded_cache_resumes_to_the_same_result(monkeypatch, tiny_checkpoint, tmp_path) -> None:
+    """Interrupted with the cache on disk, resumed (cache on disk, then in memory): same codes as one
+    in-memory run -- where the cache lives is not part of the result."""
+    import torch
+
+    from llmquant.calibration import CalibrationBlocks, fingerprint
+
+    ids = torch.randint(0, 256, (6, 32), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    blocks = CalibrationBlocks(ids, mask, "test", fingerprint(ids, mask))
+    config = GPTQConfig(QuantScheme(4, 32, True))
+
+    def run(resume: Path, offload: bool) -> dict:
+        result = pipeline.quantize(
+            tiny_checkpoint, config, blocks, batch_size=4, resume_dir=resume, progress=False,
+            offload_activations=offload,
+        )  # fmt: skip
+        return {n: (qw.codes, qw.scales) for n, qw in result.quantized.items()}
+
+    reference = run(tmp_path / "ref", offload=False)
+    original = pipeline._quantize_layer
+    with monkeypatch.context() as m:
+        m.setattr(pipeline, "_quantize_layer", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt)
+                  if a[1] == 1 else original(*a, **k))  # fmt: skip
+        with pytest.raises(KeyboardInterrupt):
+            run(tmp_path / "r", offload=True)
+    assert (tmp_path / "r" / "activations.cache").stat().st_size == 6 * 32 * 64 * 4
+    for offload in (True, False):  # resumed from layer 1, then with every layer done
+        resumed = run(tmp_path / "r", offload=offload)
+        assert resumed.keys() == reference.keys()
+        assert all(torch.equal(a, b) for n in reference for a, b in zip(resumed[n], reference[n]))
