@@ -366,15 +366,7 @@ def quantize(
     state = ResumeState(Path(resume_dir) if resume_dir else None, parts, {"batch_size": batch_size})
     ctx = None
     if blocks is not None:
-        if offload_activations and state.dir is None:
-            raise ValueError("offload_activations needs resume_dir (the cache file is kept there)")
-        file = state.dir / ACTIVATION_CACHE if offload_activations and state.dir else None
-        hidden = source.model.config.hidden_size
-        buffers = activation_buffers(blocks.input_ids.shape, hidden, batch_size, compute_dtype, file)
-        inputs, kwargs, masks = capture_layer_inputs(source, blocks, batch_size, dev, compute_dtype, buffers)
-        if state.layers_done:
-            state.load_activations(into=inputs)
-        ctx = _Context(0, source.arch, inputs, kwargs, masks, dev, compute_dtype)
+        ctx = _calibration_context(source, blocks, state, batch_size, dev, compute_dtype, offload_activations)
     quantized: list[str] = []
     logs: list[ModuleLog] = []
     bar = tqdm(range(len(source.layers)), desc=f"{config.method} layers", disable=not progress)
@@ -408,6 +400,28 @@ def quantize(
     seconds = time.perf_counter() - t0
     weights = QuantizedWeights(source.model, quantized)
     return QuantizationResult(source.model, weights, config, logs, calib, seconds, state.dir, state.fp)
+
+
+def _calibration_context(
+    source: ModelSource,
+    blocks: CalibrationBlocks,
+    state: ResumeState,
+    batch_size: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    offload: bool,
+) -> _Context:
+    """The activation cache (layer 0's inputs, or a resumed run's saved activations), in memory or in
+    ``ACTIVATION_CACHE`` of the resume directory (``offload``)."""
+    if offload and state.dir is None:
+        raise ValueError("offload_activations needs resume_dir (the cache file is kept there)")
+    file = state.dir / ACTIVATION_CACHE if offload and state.dir else None
+    hidden = source.model.config.hidden_size
+    buffers = activation_buffers(blocks.input_ids.shape, hidden, batch_size, dtype, file)
+    inputs, kwargs, masks = capture_layer_inputs(source, blocks, batch_size, device, dtype, buffers)
+    if state.layers_done:
+        state.load_activations(into=inputs)
+    return _Context(0, source.arch, inputs, kwargs, masks, device, dtype)
 
 
 def _transformed_tensors(layer: nn.Module, result: LayerResult) -> dict[str, torch.Tensor]:
