@@ -249,8 +249,15 @@ def quantize_checkpoint(
     }
 
 
-def load_any(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
-    """A quantized checkpoint through ``from_pretrained``, a float one through transformers."""
+def load_any(
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    *,
+    dequantize_cache: bool = False,
+):
+    """A quantized checkpoint through ``from_pretrained`` (``dequantize_cache`` passed on), a float one
+    through transformers."""
     from transformers import AutoModelForCausalLM
 
     from .io import read_config
@@ -260,7 +267,7 @@ def load_any(path: str | Path, device: str | torch.device = "cpu", dtype: torch.
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} is not a checkpoint directory (no config.json)")
     if read_config(path).get("quantization_config"):
-        return from_pretrained(path, device=device, dtype=dtype)
+        return from_pretrained(path, device=device, dtype=dtype, dequantize_cache=dequantize_cache)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
     return model.to(device).eval()
 

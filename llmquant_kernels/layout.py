@@ -117,11 +117,23 @@ def quant_matmul_ref(
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """y [..., N] = x[..., perm] @ W^T (+ bias), W rounded to x's dtype, accumulated in float32."""
-    k = x.shape[-1]
+    w = dequantize_ref(qweight, scales, zeros, bits, group_size, x.shape[-1], dtype=x.dtype)
+    return dense_matmul_ref(x, w, perm, bias)
+
+
+def dense_matmul_ref(
+    x: torch.Tensor,
+    weight_t: torch.Tensor,
+    perm: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``quant_matmul_ref`` after its dequantization: y [..., N] = x[..., perm] @ weight_t (+ bias) for a
+    dense W^T [K, N] (in permuted input order), rounded to x's dtype, accumulated in float32. Given
+    ``dequantize_ref(..., dtype=torch.float32)`` it is bitwise ``quant_matmul_ref`` (one rounding either
+    way), which is how a dequantize-once cache reuses one float32 copy for any input dtype."""
     if perm is not None:
         x = x[..., perm.long()]
-    w = dequantize_ref(qweight, scales, zeros, bits, group_size, k, dtype=x.dtype)
-    y = x.float() @ w.float()
+    y = x.float() @ weight_t.to(x.dtype).float()
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype)
