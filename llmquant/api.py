@@ -281,10 +281,15 @@ def evaluate_checkpoint(
     seqlen: int = 2048,
     device: str | None = None,
 ) -> dict[str, Any]:
-    """Perplexity of ``path`` on ``text`` (and of ``base`` + KL(base || quantized) if given)."""
+    """Perplexity of ``path`` on ``text`` (and of ``base`` + KL(base || quantized) if given).
+
+    Off CUDA, a quantized checkpoint is loaded with ``dequantize_cache=True`` (same numbers, about the
+    float model's speed, a float32 copy of the quantized weights in memory). With ``base``, the base
+    model runs once per window: its perplexity and the KL come from the same logits.
+    """
     from transformers import AutoTokenizer
 
-    from .evaluate import evaluate, tokenize_corpus
+    from .evaluate import evaluate_models, tokenize_corpus
 
     for checkpoint in (path, base):
         if checkpoint is not None and not (Path(checkpoint) / "config.json").is_file():
@@ -292,21 +297,25 @@ def evaluate_checkpoint(
     if not Path(text).is_file():
         raise FileNotFoundError(f"text file {text} does not exist")
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    on_cpu = torch.device(dev).type != "cuda"
     dtype = torch.float32 if dev == "cpu" else None
     tokenizer = AutoTokenizer.from_pretrained(path)
     ids = tokenize_corpus(tokenizer, text)
-    model = load_any(path, dev, dtype)
-    base_model = load_any(base, dev, dtype) if base else None
-    result = evaluate(model, ids, seqlen=seqlen, windows=windows, base_model=base_model, device=dev)
+    models = {"model": load_any(path, dev, dtype, dequantize_cache=on_cpu)}
+    if base:
+        models["base"] = load_any(base, dev, dtype, dequantize_cache=on_cpu)
+    results = evaluate_models(
+        models, ids, seqlen=seqlen, windows=windows, base_model=models.get("base"), device=dev
+    )
+    result = results["model"]
     out: dict[str, Any] = {
         "perplexity": result.perplexity,
         "n_windows": result.n_windows,
         "n_tokens": result.n_tokens,
         "seqlen": result.seqlen,
     }
-    if base_model is not None:
-        base_result = evaluate(base_model, ids, seqlen=seqlen, windows=windows, device=dev)
-        out["base_perplexity"] = base_result.perplexity
+    if base:
+        out["base_perplexity"] = results["base"].perplexity
         out["kl_divergence"] = result.kl_divergence
     return out
 
