@@ -63,6 +63,8 @@ def from_pretrained(
     memory (425 MB for SmolLM2-135M). Refused (ValueError) on a CUDA device.
     """
     path = Path(path)
+    if dequantize_cache and torch.device(device).type == "cuda":
+        raise ValueError("dequantize_cache is for CPU inference; on CUDA the kernels read the packed weights")
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} is not a checkpoint directory (no config.json)")
     qcfg = read_config(path).get("quantization_config")

@@ -115,6 +115,11 @@ def test_from_pretrained_dequantize_cache_same_logits(tiny_llama, tmp_path) -> N
     assert not any(m.dense_weight_cached for m in qlinears)
 
 
+def test_from_pretrained_refuses_the_cache_on_cuda_before_loading(tmp_path) -> None:  # noqa: ANN001
+    with pytest.raises(ValueError, match="CPU inference"):  # no checkpoint needed: checked first
+        from_pretrained(tmp_path / "missing", device="cuda", dequantize_cache=True)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cache_refused_on_cuda_and_dropped_when_moved_there() -> None:
     module = _linear()
