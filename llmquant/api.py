@@ -38,8 +38,8 @@ def save_quantized(
     (``llmquant.hub.push_checkpoint``; ``private`` for a new repo). An existing ``out_dir`` is refused
     (``OutputExistsError``) unless ``overwrite``, and then replaced atomically."""
     from .hub import card_writer, check_repo_id, describe_base, push_checkpoint
-    from .io import save_quantized as _save
     from .preflight import check_output
+    from .save import write_quantized as _save
 
     check_output(out_dir, overwrite=overwrite)  # ``out_dir`` must not exist unless ``overwrite``
 
@@ -253,7 +253,7 @@ def load_any(path: str | Path, device: str | torch.device = "cpu", dtype: torch.
     """A quantized checkpoint through ``from_pretrained``, a float one through transformers."""
     from transformers import AutoModelForCausalLM
 
-    from .io import read_config
+    from .checkpoint import read_config
     from .loading import from_pretrained
 
     path = Path(path)
@@ -307,9 +307,8 @@ def evaluate_checkpoint(
 def inspect_checkpoint(path: str | Path) -> dict[str, Any]:
     """Format, scheme, per-module tensor shapes, and a fresh verification (every module unpacks and
     its tensors match the format's schema)."""
+    from .checkpoint import Checkpoint, read_config
     from .formats import detect_format
-    from .formats.base import unpack_module
-    from .io import load_tensors, read_checkpoint_index, read_config
 
     path = Path(path)
     if not (path / "config.json").is_file():
@@ -318,26 +317,10 @@ def inspect_checkpoint(path: str | Path) -> dict[str, Any]:
     if not qcfg:
         raise ValueError(f"{path} is not quantized (no quantization_config in config.json)")
     fmt, scheme, flags = detect_format(qcfg)
-    index = read_checkpoint_index(path)
     modules = []
-    for name in fmt.quantized_module_names(index):
-        keys = [k for k in index if k.rpartition(".")[0] == name]
-        tensors = {k.rpartition(".")[2]: v for k, v in load_tensors(path, keys).items()}
-        tensors.pop("bias", None)
-        where = f"{name} in {index[keys[0]]}"
-        try:
-            n, k = _shape_of(fmt, tensors, scheme)
-        except (KeyError, IndexError, ValueError, TypeError) as exc:
-            raise CheckpointError(f"{where}: missing or misshapen tensors ({exc})") from exc
-        qw = unpack_module(fmt, tensors, scheme, n, k, where)
-        modules.append(
-            {
-                "name": name,
-                "shape": [n, k],
-                "groups": qw.num_groups,
-                "tensors": {s: list(t.shape) for s, t in tensors.items()},
-            }
-        )
+    with Checkpoint(path) as ckpt:
+        for name in fmt.quantized_module_names(ckpt.index):
+            modules.append(_inspect_module(ckpt, name, fmt, scheme))
     meta = qcfg.get("meta", {}) if isinstance(qcfg.get("meta"), dict) else {}
     return {
         "path": str(path),
@@ -353,13 +336,21 @@ def inspect_checkpoint(path: str | Path) -> dict[str, Any]:
     }
 
 
-def _shape_of(fmt, tensors: dict[str, torch.Tensor], scheme) -> tuple[int, int]:
-    """(N, K) of a packed module, from the format's own tensors."""
-    if "weight_shape" in tensors:
-        n, k = (int(v) for v in tensors["weight_shape"].tolist())
-        return n, k
-    n = tensors["scales"].shape[1]
-    if "g_idx" in tensors:
-        return n, tensors["g_idx"].shape[0]
-    qweight = tensors["qweight"]
-    return n, qweight.shape[0] if qweight.shape[1] != n else qweight.shape[0] * 32 // scheme.bits
+def _inspect_module(ckpt, name: str, fmt, scheme) -> dict[str, Any]:
+    """One quantized module's shape, groups and stored tensor shapes, after a fresh unpack."""
+    from .formats.base import unpack_module
+
+    tensors = ckpt.module_tensors(name)
+    tensors.pop("bias", None)
+    where = f"{name} in {ckpt.index[ckpt.keys_of(name)[0]]}"
+    try:
+        n, k = fmt.stored_shape(tensors, scheme)
+    except (KeyError, IndexError, ValueError, TypeError) as exc:
+        raise CheckpointError(f"{where}: missing or misshapen tensors ({exc})") from exc
+    qw = unpack_module(fmt, tensors, scheme, n, k, where)
+    return {
+        "name": name,
+        "shape": [n, k],
+        "groups": qw.num_groups,
+        "tensors": {s: list(t.shape) for s, t in tensors.items()},
+    }

@@ -358,7 +358,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 def _check_card_target(path: str) -> None:
     """--update-card needs a quantized checkpoint (checked before the evaluation runs)."""
-    from .io import read_config
+    from .checkpoint import read_config
 
     if not read_config(path).get("quantization_config"):
         raise ValueError(f"{path} is not a quantized checkpoint; --update-card needs one")

@@ -33,9 +33,9 @@ from typing import Any
 import yaml
 
 from . import card
+from .checkpoint import read_checkpoint_index, read_config
 from .formats import detect_format
 from .formats.base import llmquant_version
-from .io import read_checkpoint_index, read_config
 
 logger = logging.getLogger(__name__)
 

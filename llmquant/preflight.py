@@ -181,7 +181,7 @@ def _check_entry(file: Path, name: str, entry: Any, data_len: int) -> None:
 
 def checkpoint_tensors(path: str | os.PathLike[str]) -> dict[str, TensorInfo]:
     """Every tensor of a checkpoint directory (name -> dtype, shape, file), from the headers only."""
-    from .io import read_checkpoint_index
+    from .checkpoint import read_checkpoint_index
 
     index = read_checkpoint_index(path)
     out: dict[str, TensorInfo] = {}
@@ -195,7 +195,7 @@ def checkpoint_tensors(path: str | os.PathLike[str]) -> dict[str, TensorInfo]:
 def content_fingerprint(path: str | os.PathLike[str]) -> str:
     """sha256 over config.json and every shard's name, size and header: changes when the weights are
     replaced (a resume must not mix two checkpoints), costs a few small reads."""
-    from .io import read_checkpoint_index
+    from .checkpoint import read_checkpoint_index
 
     path = Path(path)
     digest = hashlib.sha256((path / "config.json").read_bytes())

@@ -84,6 +84,10 @@ class AWQGemm(CheckpointFormat):
             "scales": qw.scales.t().contiguous(),  # [N, G] -> [G, N]
         }
 
+    def stored_shape(self, tensors: dict[str, torch.Tensor], scheme: QuantScheme) -> tuple[int, int]:
+        """N from ``scales`` [G, N], K from ``qweight`` [K, N/8]."""
+        return tensors["scales"].shape[1], tensors["qweight"].shape[0]
+
     def unpack(
         self, tensors: dict[str, torch.Tensor], scheme: QuantScheme, out_features: int, in_features: int
     ) -> QuantizedWeight:

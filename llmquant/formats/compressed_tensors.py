@@ -114,6 +114,17 @@ class CompressedTensorsPacked(CheckpointFormat):
             out["weight_g_idx"] = qw.group_index().to(torch.int32).contiguous()
         return out
 
+    def stored_shape(self, tensors: dict[str, torch.Tensor], scheme: QuantScheme) -> tuple[int, int]:
+        """``weight_shape`` [2] when stored; else N from ``weight_packed`` [N, K*bits/32] and K from
+        ``weight_g_idx`` [K] or the packed width."""
+        if "weight_shape" in tensors:
+            n, k = (int(v) for v in tensors["weight_shape"].tolist())
+            return n, k
+        n = tensors["weight_packed"].shape[0]
+        if "weight_g_idx" in tensors:
+            return n, tensors["weight_g_idx"].shape[0]
+        return n, tensors["weight_packed"].shape[1] * 32 // scheme.bits
+
     def unpack(
         self, tensors: dict[str, torch.Tensor], scheme: QuantScheme, out_features: int, in_features: int
     ) -> QuantizedWeight:

@@ -111,6 +111,13 @@ class _GPTQ(CheckpointFormat):
             "g_idx": qw.group_index().to(torch.int32).contiguous(),
         }
 
+    def stored_shape(self, tensors: dict[str, torch.Tensor], scheme: QuantScheme) -> tuple[int, int]:
+        """N from ``scales`` [G, N]; K from ``g_idx`` [K], else from ``qweight``'s rows (K*bits/32)."""
+        n = tensors["scales"].shape[1]
+        if "g_idx" in tensors:
+            return n, tensors["g_idx"].shape[0]
+        return n, tensors["qweight"].shape[0] * 32 // scheme.bits
+
     def unpack(
         self, tensors: dict[str, torch.Tensor], scheme: QuantScheme, out_features: int, in_features: int
     ) -> QuantizedWeight:
