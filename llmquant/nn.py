@@ -11,9 +11,26 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .kernels import quant_matmul, to_kernel_layout
-from .kernels.layout import kernel_rows, unpack_codes
-from .qtensor import QuantizedWeight
+from .kernels.dispatch import quant_matmul
+from .kernels.layout import build_layout, effective_group_size, kernel_rows, unpack_codes
+from .qtensor import QuantizedWeight, trivial_g_idx
+
+
+def to_kernel_layout(qw: QuantizedWeight) -> dict[str, torch.Tensor | None]:
+    """QuantizedWeight -> {"qweight", "scales", "zeros", "perm"} in the kernel layout
+    (``llmquant.kernels.layout``), on qw's device. An act-order g_idx becomes ``perm``, its stable
+    argsort, so that groups are contiguous; g_idx with groups of uneven size are refused."""
+    perm = None
+    if not qw.has_trivial_g_idx():
+        perm = torch.argsort(qw.g_idx.long(), stable=True)
+        expect = trivial_g_idx(qw.shape[1], qw.group_size, device=qw.g_idx.device)
+        if not torch.equal(qw.g_idx[perm], expect):
+            raise ValueError(
+                "g_idx assigns groups of uneven size; "
+                "only act-order permutations of equal groups are supported"
+            )
+        perm = perm.to(torch.int32)
+    return build_layout(qw.codes, qw.scales, qw.zeros, qw.bits, perm)
 
 
 class QuantLinear(nn.Module):
@@ -47,8 +64,9 @@ class QuantLinear(nn.Module):
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
 
     @property
-    def kernel_group_size(self) -> int:
-        return self.in_features if self.group_size is None else self.group_size
+    def effective_group_size(self) -> int:
+        """``group_size``, or K for per-channel weights (``kernels.layout.effective_group_size``)."""
+        return effective_group_size(self.group_size, self.in_features)
 
     @classmethod
     def from_quantized(
@@ -77,7 +95,7 @@ class QuantLinear(nn.Module):
     def to_quantized(self) -> QuantizedWeight:
         """Inverse of ``from_quantized``: codes back in the original input order, with g_idx."""
         codes_t = unpack_codes(self.qweight, self.bits, self.in_features)  # [K, N] (permuted order)
-        g_sorted = torch.arange(self.in_features, device=codes_t.device) // self.kernel_group_size
+        g_sorted = torch.arange(self.in_features, device=codes_t.device) // self.effective_group_size
         g_idx = None
         if self.perm is not None:
             inv = torch.empty_like(self.perm, dtype=torch.long)
@@ -103,7 +121,14 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return quant_matmul(
-            x, self.qweight, self.scales, self.zeros, self.bits, self.kernel_group_size, self.perm, self.bias
+            x,
+            self.qweight,
+            self.scales,
+            self.zeros,
+            self.bits,
+            self.effective_group_size,
+            self.perm,
+            self.bias,
         )
 
     def extra_repr(self) -> str:

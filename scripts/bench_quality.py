@@ -619,7 +619,13 @@ def _dense_module(qlinear):
             super().__init__()
             self.in_features, self.out_features = q.in_features, q.out_features
             w = dequantize_ref(
-                q.qweight, q.scales, q.zeros, q.bits, q.kernel_group_size, q.in_features, dtype=torch.float32
+                q.qweight,
+                q.scales,
+                q.zeros,
+                q.bits,
+                q.effective_group_size,
+                q.in_features,
+                dtype=torch.float32,
             )  # W^T [K, N]
             self.register_buffer("w", w)
             self.register_buffer("perm", None if q.perm is None else q.perm.long())

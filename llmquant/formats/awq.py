@@ -20,8 +20,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from .. import bitpack
 from ..config import QuantScheme
+from ..kernels import bitpack
 from ..qtensor import QuantizedWeight
 from .base import (
     CheckpointFormat,

@@ -34,8 +34,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from .. import bitpack
 from ..config import QuantScheme
+from ..kernels import bitpack
 from ..qtensor import QuantizedWeight
 from .base import (
     CheckpointFormat,
