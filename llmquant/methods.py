@@ -38,7 +38,7 @@ class ModuleLog:
     """One row of the per-module quantization log (``quant_log.json``)."""
 
     name: str
-    loss: float | None  # method objective (GPTQ: Hessian-weighted error); None for RTN
+    hessian_error: float | None  # tr((W - Q) H (W - Q)ᵀ) on the calibration inputs (GPTQ); None for RTN
     damp: float | None  # damp fraction actually used (GPTQ)
     seconds: float
     tokens: int  # calibration tokens that entered the statistics (padding excluded)
@@ -232,7 +232,7 @@ class GPTQRounder:
         """GPTQ on the group's weights stacked along N: they share H (same input), GPTQ treats rows
         independently, and act-order's permutation depends on H only, so one call equals one call per
         module -- with a single Cholesky and a third of the per-column work for q/k/v."""
-        from .gptq import gptq_quantize, hessian_weighted_error
+        from .gptq import gptq_quantize
 
         t0 = time.perf_counter()
         weights = [layer.get_submodule(name).weight.data.float() for name in group]
@@ -242,8 +242,8 @@ class GPTQRounder:
         start = 0
         for name, W in zip(group, weights):
             qw = res.weight.rows(start, start + W.shape[0])
+            error = float(res.row_errors[start : start + W.shape[0]].sum())  # this module's rows
             start += W.shape[0]
-            error = hessian_weighted_error(W, qw.dequantize(), H)
             out[name] = (qw, ModuleLog(name, error, res.damp, seconds, tokens, res.fallback))
         return out
 

@@ -342,9 +342,9 @@ def quantize(
         for name, (_qw, log) in result.items():
             quantized.append(prefix + name)
             logs.append(dataclasses.replace(log, name=prefix + name))
-        losses = [log.loss for _, log in result.values() if log.loss is not None]
+        losses = [log.hessian_error for _, log in result.values() if log.hessian_error is not None]
         if losses:
-            bar.set_postfix(loss=f"{max(losses):.3g}")
+            bar.set_postfix(error=f"{max(losses):.3g}")
     calib = (
         None
         if blocks is None

@@ -35,7 +35,6 @@ from .base import (
 logger = logging.getLogger(__name__)
 
 AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]  # nibble i holds column order[i] of its 8-column chunk
-AWQ_REVERSE_ORDER = [0, 4, 1, 5, 2, 6, 3, 7]
 PACK_FACTOR = 8
 
 

@@ -44,6 +44,7 @@ from .base import (
     read_g_idx,
     register_format,
     scheme_from_fields,
+    stores_permutation,
 )
 
 logger = logging.getLogger(__name__)
@@ -275,7 +276,7 @@ def _actorder(scheme: QuantScheme, act_order: bool, static_groups: bool) -> str 
     """CT ``actorder`` for our options (CT allows "group" only with the group strategy)."""
     if not act_order or scheme.group_size is None:
         return None
-    return "weight" if static_groups else "group"
+    return "group" if stores_permutation(act_order, static_groups) else "weight"
 
 
 def _normalize_actorder(value: Any) -> str | None:

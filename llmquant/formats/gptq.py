@@ -32,6 +32,7 @@ from .base import (
     read_g_idx,
     register_format,
     scheme_from_fields,
+    stores_permutation,
 )
 
 logger = logging.getLogger(__name__)
@@ -176,7 +177,7 @@ class _GPTQ(CheckpointFormat):
             "quant_method": "gptq",
             "bits": scheme.bits,
             "group_size": group_size_to_config(scheme),
-            "desc_act": bool(act_order and not static_groups),
+            "desc_act": stores_permutation(act_order, static_groups),
             "static_groups": bool(static_groups),
             "sym": scheme.sym,
             "true_sequential": true_sequential,
