@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -10,8 +9,9 @@ from typing import Any
 import torch
 
 from .config import CalibrationConfig, GPTQConfig, MethodConfig
-from .errors import CheckpointError, FormatError, ModelConfigError
+from .errors import FormatError, ModelConfigError
 from .formats import get_format
+from .inspection import inspect_checkpoint  # noqa: F401  (public here: the API of `llmquant inspect`)
 from .methods import METHODS, checkpoint_meta, rounder_config
 from .pipeline import QuantizationResult, quantize
 
@@ -149,13 +149,14 @@ def plan_quantization(
     format, sizes and the estimated peak host / device memory (``preflight.Plan``). Raises the typed
     errors of ``llmquant.errors`` with a one-line message."""
     from . import preflight
+    from .checkpoint import checkpoint_tensors
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     raw = preflight.read_model_config(model_dir)
     preflight.check_architecture(raw, model_dir)
     if raw.get("quantization_config"):
         raise ModelConfigError(f"{model_dir} is already quantized; quantize the float checkpoint instead")
-    tensors = preflight.checkpoint_tensors(model_dir)
+    tensors = checkpoint_tensors(model_dir)
     in_features = _model_in_features(raw)
     if format is None:
         format = natural_format(config, in_features)
@@ -302,55 +303,3 @@ def evaluate_checkpoint(
         out["base_perplexity"] = base_result.perplexity
         out["kl_divergence"] = result.kl_divergence
     return out
-
-
-def inspect_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Format, scheme, per-module tensor shapes, and a fresh verification (every module unpacks and
-    its tensors match the format's schema)."""
-    from .checkpoint import Checkpoint, read_config
-    from .formats import detect_format
-
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path} is not a checkpoint directory (no config.json)")
-    qcfg = read_config(path).get("quantization_config")
-    if not qcfg:
-        raise ValueError(f"{path} is not quantized (no quantization_config in config.json)")
-    fmt, scheme, flags = detect_format(qcfg)
-    modules = []
-    with Checkpoint(path) as ckpt:
-        for name in fmt.quantized_module_names(ckpt.index):
-            modules.append(_inspect_module(ckpt, name, fmt, scheme))
-    meta = qcfg.get("meta", {}) if isinstance(qcfg.get("meta"), dict) else {}
-    return {
-        "path": str(path),
-        "format": fmt.name,
-        "bits": scheme.bits,
-        "group_size": scheme.group_size,
-        "sym": scheme.sym,
-        "flags": json.dumps(flags),
-        "quantized_modules": len(modules),
-        "verified_at_save": meta.get("verified"),
-        "verified_now": True,
-        "modules": modules,
-    }
-
-
-def _inspect_module(ckpt, name: str, fmt, scheme) -> dict[str, Any]:
-    """One quantized module's shape, groups and stored tensor shapes, after a fresh unpack."""
-    from .formats.base import unpack_module
-
-    tensors = ckpt.module_tensors(name)
-    tensors.pop("bias", None)
-    where = f"{name} in {ckpt.index[ckpt.keys_of(name)[0]]}"
-    try:
-        n, k = fmt.stored_shape(tensors, scheme)
-    except (KeyError, IndexError, ValueError, TypeError) as exc:
-        raise CheckpointError(f"{where}: missing or misshapen tensors ({exc})") from exc
-    qw = unpack_module(fmt, tensors, scheme, n, k, where)
-    return {
-        "name": name,
-        "shape": [n, k],
-        "groups": qw.num_groups,
-        "tensors": {s: list(t.shape) for s, t in tensors.items()},
-    }

@@ -492,7 +492,7 @@ def _peak_rss_gib() -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from .version import __version__
 
     parser = _Parser(prog="llmquant", description=DESCRIPTION, epilog=EPILOG, formatter_class=_HelpFormatter)
     parser.add_argument("--version", action="version", version=f"llmquant {__version__}")

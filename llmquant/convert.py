@@ -30,6 +30,7 @@ from .config import QuantScheme
 from .errors import CheckpointError, LlmquantError, ModelNotFoundError, OptionError
 from .formats import CheckpointFormat, detect_format, get_format
 from .formats.base import llmquant_version, unpack_module
+from .inspection import quantized_shapes
 from .io import DEFAULT_MAX_SHARD_SIZE, write_checkpoint
 from .qtensor import QuantizedWeight
 from .save import pack_modules, verify_written
@@ -57,31 +58,6 @@ _SCALE_KEYS = ("scales", "weight_scale")
 
 class ConversionError(LlmquantError, ValueError):
     """The target format cannot hold the source's weights exactly (nothing was written)."""
-
-
-def linear_shapes(path: str | os.PathLike[str]) -> dict[str, tuple[int, int]]:
-    """(out_features, in_features) of every nn.Linear of the checkpoint's model, from its config.json
-    (the skeleton is built on the meta device; no weights are read)."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(path)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config)
-    return {
-        n: (m.out_features, m.in_features) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
-    }
-
-
-def quantized_shapes(path: Path, names: list[str]) -> tuple[dict[str, tuple[int, int]], list[str]]:
-    """(shapes of the quantized linears ``names``, the model's other linears) of checkpoint ``path``."""
-    linears = linear_shapes(path)
-    missing = [n for n in names if n not in linears]
-    if missing:
-        raise ValueError(f"{path}: quantized modules {missing[:3]} are not linears of the model")
-    return {n: linears[n] for n in names}, sorted(set(linears) - set(names))
 
 
 def refusal(

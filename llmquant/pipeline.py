@@ -28,16 +28,17 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from . import __version__
 from .arch import ArchSpec
 from .calibration import SYNTHETIC, CalibrationBlocks, load_calibration
 from .config import CalibrationConfig, MethodConfig
-from .methods import Call, LayerPlan, LayerResult, ModuleLog, make_plan
+from .layer import Call, LayerResult, ModuleLog
+from .methods import LayerPlan, make_plan
 from .nn import QuantLinear, set_module
 from .numerics import check_finite_activations
 from .qtensor import QuantizedWeight
 from .resume import ResumeState
 from .source import LoadedModel, ModelSource, StreamedModel
+from .version import __version__
 
 logger = logging.getLogger(__name__)
 

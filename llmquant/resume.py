@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .errors import ResumeMismatchError
-from .methods import LayerResult, ModuleLog
+from .layer import LayerResult, ModuleLog
 from .qtensor import QuantizedWeight
 
 logger = logging.getLogger(__name__)

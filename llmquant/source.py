@@ -121,7 +121,8 @@ class StreamedModel(ModelSource):
         """The complete float model, loaded for as long as the caller needs it (synthetic calibration
         samples text from it): float32 on the CPU, refused in one line when it does not fit in memory."""
         from .calibration import CalibrationError
-        from .preflight import GiB, available_memory, checkpoint_tensors
+        from .checkpoint import checkpoint_tensors
+        from .preflight import GiB, available_memory
 
         needed = sum(t.numel for t in checkpoint_tensors(self.path).values()) * 4
         available = available_memory()

@@ -122,3 +122,58 @@ def test_remote_code_is_off() -> None:
                     )
     assert not bad, bad
     assert "trust_remote_code=True" not in "".join(p.read_text() for p in SOURCES)
+
+
+def _module_graph() -> dict[str, set[str]]:
+    """Module -> the modules of llmquant and llmquant.kernels it imports (module level or inside a
+    function: a lazy import that closes a loop is still a loop)."""
+    roots = {"llmquant": REPO / "llmquant", "llmquant.kernels": REPO / "kernels"}
+    mods: dict[str, tuple[Path, bool]] = {}
+    for pkg, folder in roots.items():
+        for path in folder.rglob("*.py"):
+            parts = [p for p in path.relative_to(folder).with_suffix("").parts if p != "__init__"]
+            mods[".".join([pkg, *parts])] = (path, path.name == "__init__.py")
+    graph: dict[str, set[str]] = {m: set() for m in mods}
+    for mod, (path, is_pkg) in mods.items():
+        here = mod.split(".") if is_pkg else mod.split(".")[:-1]
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            targets: list[str] = []
+            if isinstance(node, ast.ImportFrom):
+                base = ".".join(here[: len(here) - node.level + 1] + [node.module or ""]).strip(".")
+                base = base if node.level else node.module or ""
+                targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in mods else base for a in node.names]
+            elif isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            graph[mod] |= {t for t in targets if t in mods and t != mod}
+    return graph
+
+
+def test_no_import_cycles() -> None:
+    graph = _module_graph()
+    assert graph["llmquant.methods"] and graph["llmquant.kernels.gemm"]  # the walk sees imports
+    cycles, state = [], {}
+
+    def visit(node: str, stack: list[str]) -> None:
+        state[node] = "open"
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == "open":
+                cycles.append(stack[stack.index(nxt) :] + [nxt])
+            elif nxt not in state:
+                visit(nxt, [*stack, nxt])
+        state[node] = "done"
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+    assert not cycles, cycles
+
+
+def test_no_function_over_80_lines_outside_jit_kernels() -> None:
+    long = []
+    for path in SOURCES:
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                jit = any("triton" in ast.unparse(d) for d in node.decorator_list)
+                if not jit and node.end_lineno - node.lineno + 1 > 80:
+                    long.append(f"{path.name}:{node.name} ({node.end_lineno - node.lineno + 1} lines)")
+    assert not long, long
