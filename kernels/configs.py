@@ -16,8 +16,8 @@ enough programs to fill the SMs). Under ``TRITON_INTERPRET=1`` each list collaps
 Tuned results live in each ``triton.Autotuner``'s ``cache``; ``tuning.dump_tuned``/``load_tuned`` move
 them to and from a JSON file (one per GPU model, written by ``scripts/bench_kernels.py --tune``).
 
-The thresholds below come from H100 measurements (comment there); ``scripts/bench_kernels.py`` prints
-each path's time per M to confirm or move them on other GPUs.
+The dispatch thresholds (``dispatch.py``) come from H100 measurements (comment there);
+``scripts/bench_kernels.py`` prints each path's time per M to confirm or move them on other GPUs.
 """
 
 from __future__ import annotations

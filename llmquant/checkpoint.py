@@ -134,10 +134,9 @@ class Checkpoint:
         out: dict[str, torch.Tensor] = {}
         for n in wanted:
             file = self.index[n]
+            handle = self._handle(file, str(device))
             try:
-                out[n] = self._handle(file, str(device)).get_tensor(n)
-            except CheckpointError:
-                raise
+                out[n] = handle.get_tensor(n)
             except Exception as exc:  # SafetensorError, e.g. a tensor missing from its shard
                 raise CheckpointError(f"{file}: cannot read tensor {n!r} ({exc})") from exc
         return out
