@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -10,8 +9,9 @@ from typing import Any
 import torch
 
 from .config import CalibrationConfig, GPTQConfig, MethodConfig
-from .errors import CheckpointError, FormatError, ModelConfigError
+from .errors import FormatError, ModelConfigError
 from .formats import get_format
+from .inspection import inspect_checkpoint  # noqa: F401  (public here: the API of `llmquant inspect`)
 from .methods import METHODS, checkpoint_meta, rounder_config
 from .pipeline import QuantizationResult, quantize
 
@@ -38,8 +38,8 @@ def save_quantized(
     (``llmquant.hub.push_checkpoint``; ``private`` for a new repo). An existing ``out_dir`` is refused
     (``OutputExistsError``) unless ``overwrite``, and then replaced atomically."""
     from .hub import card_writer, check_repo_id, describe_base, push_checkpoint
-    from .io import save_quantized as _save
     from .preflight import check_output
+    from .save import write_quantized as _save
 
     check_output(out_dir, overwrite=overwrite)  # ``out_dir`` must not exist unless ``overwrite``
 
@@ -149,13 +149,14 @@ def plan_quantization(
     format, sizes and the estimated peak host / device memory (``preflight.Plan``). Raises the typed
     errors of ``llmquant.errors`` with a one-line message."""
     from . import preflight
+    from .checkpoint import checkpoint_tensors
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     raw = preflight.read_model_config(model_dir)
     preflight.check_architecture(raw, model_dir)
     if raw.get("quantization_config"):
         raise ModelConfigError(f"{model_dir} is already quantized; quantize the float checkpoint instead")
-    tensors = preflight.checkpoint_tensors(model_dir)
+    tensors = checkpoint_tensors(model_dir)
     in_features = _model_in_features(raw)
     if format is None:
         format = natural_format(config, in_features)
@@ -260,7 +261,7 @@ def load_any(
     through transformers."""
     from transformers import AutoModelForCausalLM
 
-    from .io import read_config
+    from .checkpoint import read_config
     from .loading import from_pretrained
 
     path = Path(path)
@@ -318,64 +319,3 @@ def evaluate_checkpoint(
         out["base_perplexity"] = results["base"].perplexity
         out["kl_divergence"] = result.kl_divergence
     return out
-
-
-def inspect_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Format, scheme, per-module tensor shapes, and a fresh verification (every module unpacks and
-    its tensors match the format's schema)."""
-    from .formats import detect_format
-    from .formats.base import unpack_module
-    from .io import load_tensors, read_checkpoint_index, read_config
-
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path} is not a checkpoint directory (no config.json)")
-    qcfg = read_config(path).get("quantization_config")
-    if not qcfg:
-        raise ValueError(f"{path} is not quantized (no quantization_config in config.json)")
-    fmt, scheme, flags = detect_format(qcfg)
-    index = read_checkpoint_index(path)
-    modules = []
-    for name in fmt.quantized_module_names(index):
-        keys = [k for k in index if k.rpartition(".")[0] == name]
-        tensors = {k.rpartition(".")[2]: v for k, v in load_tensors(path, keys).items()}
-        tensors.pop("bias", None)
-        where = f"{name} in {index[keys[0]]}"
-        try:
-            n, k = _shape_of(fmt, tensors, scheme)
-        except (KeyError, IndexError, ValueError, TypeError) as exc:
-            raise CheckpointError(f"{where}: missing or misshapen tensors ({exc})") from exc
-        qw = unpack_module(fmt, tensors, scheme, n, k, where)
-        modules.append(
-            {
-                "name": name,
-                "shape": [n, k],
-                "groups": qw.num_groups,
-                "tensors": {s: list(t.shape) for s, t in tensors.items()},
-            }
-        )
-    meta = qcfg.get("meta", {}) if isinstance(qcfg.get("meta"), dict) else {}
-    return {
-        "path": str(path),
-        "format": fmt.name,
-        "bits": scheme.bits,
-        "group_size": scheme.group_size,
-        "sym": scheme.sym,
-        "flags": json.dumps(flags),
-        "quantized_modules": len(modules),
-        "verified_at_save": meta.get("verified"),
-        "verified_now": True,
-        "modules": modules,
-    }
-
-
-def _shape_of(fmt, tensors: dict[str, torch.Tensor], scheme) -> tuple[int, int]:
-    """(N, K) of a packed module, from the format's own tensors."""
-    if "weight_shape" in tensors:
-        n, k = (int(v) for v in tensors["weight_shape"].tolist())
-        return n, k
-    n = tensors["scales"].shape[1]
-    if "g_idx" in tensors:
-        return n, tensors["g_idx"].shape[0]
-    qweight = tensors["qweight"]
-    return n, qweight.shape[0] if qweight.shape[1] != n else qweight.shape[0] * 32 // scheme.bits

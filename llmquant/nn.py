@@ -19,9 +19,34 @@ import logging
 import torch
 from torch import nn
 
-from .kernels import quant_matmul, to_kernel_layout
-from .kernels.layout import dense_matmul_ref, dequantize_ref, kernel_rows, unpack_codes
-from .qtensor import QuantizedWeight
+from .kernels.dispatch import quant_matmul
+from .kernels.layout import (
+    build_layout,
+    dense_matmul_ref,
+    dequantize_ref,
+    effective_group_size,
+    kernel_rows,
+    unpack_codes,
+)
+from .qtensor import QuantizedWeight, trivial_g_idx
+
+
+def to_kernel_layout(qw: QuantizedWeight) -> dict[str, torch.Tensor | None]:
+    """QuantizedWeight -> {"qweight", "scales", "zeros", "perm"} in the kernel layout
+    (``llmquant.kernels.layout``), on qw's device. An act-order g_idx becomes ``perm``, its stable
+    argsort, so that groups are contiguous; g_idx with groups of uneven size are refused."""
+    perm = None
+    if not qw.has_trivial_g_idx():
+        perm = torch.argsort(qw.g_idx.long(), stable=True)
+        expect = trivial_g_idx(qw.shape[1], qw.group_size, device=qw.g_idx.device)
+        if not torch.equal(qw.g_idx[perm], expect):
+            raise ValueError(
+                "g_idx assigns groups of uneven size; "
+                "only act-order permutations of equal groups are supported"
+            )
+        perm = perm.to(torch.int32)
+    return build_layout(qw.codes, qw.scales, qw.zeros, qw.bits, perm)
+
 
 logger = logging.getLogger(__name__)
 
@@ -58,8 +83,9 @@ class QuantLinear(nn.Module):
         self._dense_weight: torch.Tensor | None = None  # W^T [K, N] float32, see cache_dense_weight
 
     @property
-    def kernel_group_size(self) -> int:
-        return self.in_features if self.group_size is None else self.group_size
+    def effective_group_size(self) -> int:
+        """``group_size``, or K for per-channel weights (``kernels.layout.effective_group_size``)."""
+        return effective_group_size(self.group_size, self.in_features)
 
     @classmethod
     def from_quantized(
@@ -88,7 +114,7 @@ class QuantLinear(nn.Module):
     def to_quantized(self) -> QuantizedWeight:
         """Inverse of ``from_quantized``: codes back in the original input order, with g_idx."""
         codes_t = unpack_codes(self.qweight, self.bits, self.in_features)  # [K, N] (permuted order)
-        g_sorted = torch.arange(self.in_features, device=codes_t.device) // self.kernel_group_size
+        g_sorted = torch.arange(self.in_features, device=codes_t.device) // self.effective_group_size
         g_idx = None
         if self.perm is not None:
             inv = torch.empty_like(self.perm, dtype=torch.long)
@@ -122,7 +148,7 @@ class QuantLinear(nn.Module):
             raise ValueError("the dense weight cache is for CPU inference; on CUDA the kernels are faster")
         with torch.inference_mode(False), torch.no_grad():  # a normal tensor even if called in inference mode
             self._dense_weight = dequantize_ref(
-                self.qweight, self.scales, self.zeros, self.bits, self.kernel_group_size, self.in_features
+                self.qweight, self.scales, self.zeros, self.bits, self.effective_group_size, self.in_features
             )  # [K, N] float32
 
     @property
@@ -148,7 +174,14 @@ class QuantLinear(nn.Module):
         if w is not None and x.device == w.device:
             return dense_matmul_ref(x, w, self.perm, self.bias)
         return quant_matmul(
-            x, self.qweight, self.scales, self.zeros, self.bits, self.kernel_group_size, self.perm, self.bias
+            x,
+            self.qweight,
+            self.scales,
+            self.zeros,
+            self.bits,
+            self.effective_group_size,
+            self.perm,
+            self.bias,
         )
 
     def extra_repr(self) -> str:

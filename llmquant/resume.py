@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .errors import ResumeMismatchError
-from .methods import LayerResult, ModuleLog
+from .layer import LayerResult, ModuleLog
 from .qtensor import QuantizedWeight
 
 logger = logging.getLogger(__name__)
@@ -133,6 +133,8 @@ class ResumeState:
                 group_size=group_size,
                 g_idx=tensors.get(f"{name}.g_idx"),
             )
+            if "loss" in log:  # resume states written before the field was named for what it holds
+                log["hessian_error"] = log.pop("loss")
             out[name] = (qw, ModuleLog(**log))
         float_state = {k[len("float.") :]: v for k, v in tensors.items() if k.startswith("float.")}
         return out, float_state
