@@ -10,8 +10,9 @@ from typing import Any
 import torch
 
 from .config import CalibrationConfig, GPTQConfig, MethodConfig
-from .errors import CheckpointError, FormatError, ModelConfigError
+from .errors import FormatError, ModelConfigError
 from .formats import get_format
+from .inspection import inspect_checkpoint  # noqa: F401  (public here: the API of `llmquant inspect`)
 from .methods import METHODS, checkpoint_meta, rounder_config
 from .pipeline import QuantizationResult, quantize
 
@@ -40,8 +41,8 @@ def save_quantized(
     wrote before it was killed (``quant_log.json`` records the run's fingerprint, and the resume
     directory still holds it: the kill came between the rename and dropping the resume directory)."""
     from .hub import card_writer, check_repo_id, describe_base, push_checkpoint
-    from .io import save_quantized as _save
     from .preflight import check_output
+    from .save import write_quantized as _save
 
     if push_to_hub is not None:
         check_repo_id(push_to_hub)  # before writing anything
@@ -184,13 +185,14 @@ def plan_quantization(
     (the plan as asked) and the resolved ``device``. Raises the typed errors of ``llmquant.errors`` with
     a one-line message; not fitting in memory is left to the caller (``fit.refuse()``)."""
     from . import preflight
+    from .checkpoint import checkpoint_tensors
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     raw = preflight.read_model_config(model_dir)
     preflight.check_architecture(raw, model_dir)
     if raw.get("quantization_config"):
         raise ModelConfigError(f"{model_dir} is already quantized; quantize the float checkpoint instead")
-    tensors = preflight.checkpoint_tensors(model_dir)
+    tensors = checkpoint_tensors(model_dir)
     in_features = _model_in_features(raw)
     if format is None:
         format = natural_format(config, in_features)
@@ -341,18 +343,25 @@ def quantize_checkpoint(
     }
 
 
-def load_any(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
-    """A quantized checkpoint through ``from_pretrained``, a float one through transformers."""
+def load_any(
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    *,
+    dequantize_cache: bool = False,
+):
+    """A quantized checkpoint through ``from_pretrained`` (``dequantize_cache`` passed on), a float one
+    through transformers."""
     from transformers import AutoModelForCausalLM
 
-    from .io import read_config
+    from .checkpoint import read_config
     from .loading import from_pretrained
 
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} is not a checkpoint directory (no config.json)")
     if read_config(path).get("quantization_config"):
-        return from_pretrained(path, device=device, dtype=dtype)
+        return from_pretrained(path, device=device, dtype=dtype, dequantize_cache=dequantize_cache)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
     return model.to(device).eval()
 
@@ -366,10 +375,15 @@ def evaluate_checkpoint(
     seqlen: int = 2048,
     device: str | None = None,
 ) -> dict[str, Any]:
-    """Perplexity of ``path`` on ``text`` (and of ``base`` + KL(base || quantized) if given)."""
+    """Perplexity of ``path`` on ``text`` (and of ``base`` + KL(base || quantized) if given).
+
+    Off CUDA, a quantized checkpoint is loaded with ``dequantize_cache=True`` (same numbers, about the
+    float model's speed, a float32 copy of the quantized weights in memory). With ``base``, the base
+    model runs once per window: its perplexity and the KL come from the same logits.
+    """
     from transformers import AutoTokenizer
 
-    from .evaluate import evaluate, tokenize_corpus
+    from .evaluate import evaluate_models, tokenize_corpus
 
     for checkpoint in (path, base):
         if checkpoint is not None and not (Path(checkpoint) / "config.json").is_file():
@@ -377,81 +391,24 @@ def evaluate_checkpoint(
     if not Path(text).is_file():
         raise FileNotFoundError(f"text file {text} does not exist")
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    on_cpu = torch.device(dev).type != "cuda"
     dtype = torch.float32 if dev == "cpu" else None
     tokenizer = AutoTokenizer.from_pretrained(path)
     ids = tokenize_corpus(tokenizer, text)
-    model = load_any(path, dev, dtype)
-    base_model = load_any(base, dev, dtype) if base else None
-    result = evaluate(model, ids, seqlen=seqlen, windows=windows, base_model=base_model, device=dev)
+    models = {"model": load_any(path, dev, dtype, dequantize_cache=on_cpu)}
+    if base:
+        models["base"] = load_any(base, dev, dtype, dequantize_cache=on_cpu)
+    results = evaluate_models(
+        models, ids, seqlen=seqlen, windows=windows, base_model=models.get("base"), device=dev
+    )
+    result = results["model"]
     out: dict[str, Any] = {
         "perplexity": result.perplexity,
         "n_windows": result.n_windows,
         "n_tokens": result.n_tokens,
         "seqlen": result.seqlen,
     }
-    if base_model is not None:
-        base_result = evaluate(base_model, ids, seqlen=seqlen, windows=windows, device=dev)
-        out["base_perplexity"] = base_result.perplexity
+    if base:
+        out["base_perplexity"] = results["base"].perplexity
         out["kl_divergence"] = result.kl_divergence
     return out
-
-
-def inspect_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Format, scheme, per-module tensor shapes, and a fresh verification (every module unpacks and
-    its tensors match the format's schema)."""
-    from .formats import detect_format
-    from .formats.base import unpack_module
-    from .io import load_tensors, read_checkpoint_index, read_config
-
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path} is not a checkpoint directory (no config.json)")
-    qcfg = read_config(path).get("quantization_config")
-    if not qcfg:
-        raise ValueError(f"{path} is not quantized (no quantization_config in config.json)")
-    fmt, scheme, flags = detect_format(qcfg)
-    index = read_checkpoint_index(path)
-    modules = []
-    for name in fmt.quantized_module_names(index):
-        keys = [k for k in index if k.rpartition(".")[0] == name]
-        tensors = {k.rpartition(".")[2]: v for k, v in load_tensors(path, keys).items()}
-        tensors.pop("bias", None)
-        where = f"{name} in {index[keys[0]]}"
-        try:
-            n, k = _shape_of(fmt, tensors, scheme)
-        except (KeyError, IndexError, ValueError, TypeError) as exc:
-            raise CheckpointError(f"{where}: missing or misshapen tensors ({exc})") from exc
-        qw = unpack_module(fmt, tensors, scheme, n, k, where)
-        modules.append(
-            {
-                "name": name,
-                "shape": [n, k],
-                "groups": qw.num_groups,
-                "tensors": {s: list(t.shape) for s, t in tensors.items()},
-            }
-        )
-    meta = qcfg.get("meta", {}) if isinstance(qcfg.get("meta"), dict) else {}
-    return {
-        "path": str(path),
-        "format": fmt.name,
-        "bits": scheme.bits,
-        "group_size": scheme.group_size,
-        "sym": scheme.sym,
-        "flags": json.dumps(flags),
-        "quantized_modules": len(modules),
-        "verified_at_save": meta.get("verified"),
-        "verified_now": True,
-        "modules": modules,
-    }
-
-
-def _shape_of(fmt, tensors: dict[str, torch.Tensor], scheme) -> tuple[int, int]:
-    """(N, K) of a packed module, from the format's own tensors."""
-    if "weight_shape" in tensors:
-        n, k = (int(v) for v in tensors["weight_shape"].tolist())
-        return n, k
-    n = tensors["scales"].shape[1]
-    if "g_idx" in tensors:
-        return n, tensors["g_idx"].shape[0]
-    qweight = tensors["qweight"]
-    return n, qweight.shape[0] if qweight.shape[1] != n else qweight.shape[0] * 32 // scheme.bits

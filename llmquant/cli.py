@@ -364,7 +364,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 def _check_card_target(path: str) -> None:
     """--update-card needs a quantized checkpoint (checked before the evaluation runs)."""
-    from .io import read_config
+    from .checkpoint import read_config
 
     if not read_config(path).get("quantization_config"):
         raise ValueError(f"{path} is not a quantized checkpoint; --update-card needs one")
@@ -498,7 +498,7 @@ def _peak_rss_gib() -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from .version import __version__
 
     parser = _Parser(prog="llmquant", description=DESCRIPTION, epilog=EPILOG, formatter_class=_HelpFormatter)
     parser.add_argument("--version", action="version", version=f"llmquant {__version__}")

@@ -28,17 +28,18 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from . import __version__
 from .arch import ArchSpec
 from .calibration import SYNTHETIC, CalibrationBlocks, load_calibration
 from .config import CalibrationConfig, MethodConfig
 from .faults import kill_point
-from .methods import Call, LayerPlan, LayerResult, ModuleLog, make_plan
+from .layer import Call, LayerResult, ModuleLog
+from .methods import LayerPlan, make_plan
 from .nn import QuantLinear, set_module
 from .numerics import check_finite_activations
 from .qtensor import QuantizedWeight
 from .resume import ResumeState
 from .source import LoadedModel, ModelSource, StreamedModel
+from .version import __version__
 
 logger = logging.getLogger(__name__)
 
@@ -384,9 +385,9 @@ def quantize(
         for name, (_qw, log) in result.items():
             quantized.append(prefix + name)
             logs.append(dataclasses.replace(log, name=prefix + name))
-        losses = [log.loss for _, log in result.values() if log.loss is not None]
+        losses = [log.hessian_error for _, log in result.values() if log.hessian_error is not None]
         if losses:
-            bar.set_postfix(loss=f"{max(losses):.3g}")
+            bar.set_postfix(error=f"{max(losses):.3g}")
     calib = (
         None
         if blocks is None

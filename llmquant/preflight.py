@@ -25,7 +25,6 @@ estimate (CUDA: those plus twice the largest layer). When the estimate is over t
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import os
@@ -34,8 +33,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .checkpoint import (
+    DTYPE_BYTES,
+    TensorInfo,
+    read_checkpoint_index,
+    read_header,
+)
 from .errors import (
-    CheckpointError,
     InsufficientDiskError,
     InsufficientMemoryError,
     ModelConfigError,
@@ -50,11 +54,6 @@ GiB = 2**30
 # python + torch + transformers + tokenizer: 0.50-0.52 GiB measured (walk peaks less the model's terms,
 # on SmolLM2 and a 1.1B random LLaMA; docs/reliability.md)
 RUNTIME_BYTES = int(0.55 * GiB)
-MAX_HEADER_BYTES = 100 * 2**20  # the safetensors library's own limit
-DTYPE_BYTES = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-    "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8,
-}  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------
@@ -109,99 +108,9 @@ def check_seqlen(seqlen: int, config: dict[str, Any], path: Path | str) -> None:
         )
 
 
-@dataclass(frozen=True)
-class TensorInfo:
-    dtype: str
-    shape: tuple[int, ...]
-    file: Path
-
-    @property
-    def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
-
-    @property
-    def nbytes(self) -> int:
-        return self.numel * DTYPE_BYTES.get(self.dtype, 4)
-
-
-def read_header(file: Path) -> dict[str, Any]:
-    """A safetensors file's JSON header, validated against the file size (CheckpointError names the file
-    and tensor when it is corrupted or the file is truncated). Cached per (file, size, mtime)."""
-    try:
-        st = Path(file).stat()
-    except FileNotFoundError as exc:
-        raise CheckpointError(f"shard {file} is missing") from exc
-    return _read_header(Path(file), st.st_size, st.st_mtime_ns)
-
-
-@functools.lru_cache(maxsize=256)
-def _read_header(file: Path, size: int, _mtime_ns: int) -> dict[str, Any]:
-    try:
-        with file.open("rb") as f:
-            head = f.read(8)
-            n = int.from_bytes(head, "little") if len(head) == 8 else -1
-            if n < 2 or n > MAX_HEADER_BYTES or 8 + n > size:
-                raise CheckpointError(f"{file} is not a safetensors file or is truncated (header length {n})")
-            raw = f.read(n)
-    except PermissionError as exc:
-        raise PathNotReadableError(f"{file} is not readable (check its permissions)") from exc
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{file}: corrupted safetensors header ({exc})") from exc
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{file}: corrupted safetensors header (not a JSON object)")
-    data_len = size - 8 - n
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        _check_entry(file, name, entry, data_len)
-    return header
-
-
-def _check_entry(file: Path, name: str, entry: Any, data_len: int) -> None:
-    ok = (
-        isinstance(entry, dict)
-        and entry.get("dtype") in DTYPE_BYTES
-        and isinstance(entry.get("shape"), list)
-        and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in entry["shape"])
-        and isinstance(entry.get("data_offsets"), list)
-        and len(entry["data_offsets"]) == 2
-        and all(isinstance(o, int) and not isinstance(o, bool) for o in entry["data_offsets"])
-    )
-    if not ok:
-        raise CheckpointError(f"{file}: tensor {name!r} has a corrupted header entry")
-    start, end = entry["data_offsets"]
-    info = TensorInfo(entry["dtype"], tuple(entry["shape"]), file)
-    if not 0 <= start <= end or end - start != info.nbytes:
-        raise CheckpointError(f"{file}: tensor {name!r} has inconsistent data offsets (corrupted header)")
-    if end > data_len:
-        raise CheckpointError(
-            f"{file} is truncated: tensor {name!r} ends at byte {end} of {data_len}; download it again"
-        )
-
-
-def checkpoint_tensors(path: str | os.PathLike[str]) -> dict[str, TensorInfo]:
-    """Every tensor of a checkpoint directory (name -> dtype, shape, file), from the headers only."""
-    from .io import read_checkpoint_index
-
-    index = read_checkpoint_index(path)
-    out: dict[str, TensorInfo] = {}
-    for file in sorted(set(index.values())):
-        for name, entry in read_header(file).items():
-            if name != "__metadata__":
-                out[name] = TensorInfo(entry["dtype"], tuple(entry["shape"]), file)
-    return out
-
-
 def content_fingerprint(path: str | os.PathLike[str]) -> str:
     """sha256 over config.json and every shard's name, size and header: changes when the weights are
     replaced (a resume must not mix two checkpoints), costs a few small reads."""
-    from .io import read_checkpoint_index
-
     path = Path(path)
     digest = hashlib.sha256((path / "config.json").read_bytes())
     for file in sorted(set(read_checkpoint_index(path).values())):

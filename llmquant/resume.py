@@ -35,7 +35,7 @@ from safetensors.torch import load_file, save_file
 
 from .errors import ResumeMismatchError, ResumeStateError
 from .faults import kill_point
-from .methods import LayerResult, ModuleLog
+from .layer import LayerResult, ModuleLog
 from .qtensor import QuantizedWeight
 
 logger = logging.getLogger(__name__)
@@ -173,6 +173,8 @@ class ResumeState:
                     group_size=group_size,
                     g_idx=tensors.get(f"{name}.g_idx"),
                 )
+                if "loss" in log:  # resume states written before the field was named for what it holds
+                    log["hessian_error"] = log.pop("loss")
                 out[name] = (qw, ModuleLog(**log))
         except Exception as exc:  # missing file, SafetensorError, bad metadata: the state is damaged
             raise self._damaged(path, exc) from exc

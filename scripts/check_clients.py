@@ -355,7 +355,7 @@ def memoize_dequantized(model: torch.nn.Module) -> None:
             continue
         k = module.in_features
         w = dequantize_ref(
-            module.qweight, module.scales, module.zeros, module.bits, module.kernel_group_size, k
+            module.qweight, module.scales, module.zeros, module.bits, module.effective_group_size, k
         )  # float32 [K, N]
 
         def forward(x, m=module, w=w):

@@ -56,7 +56,8 @@ def _run(capsys, caplog, argv: list[str]) -> tuple[int, str]:
 def test_estimate_terms(tiny_checkpoint, calib_text_file) -> None:
     """n*seqlen*hidden*4 bytes of activations held once; the Hessians and the batch count where the
     computation runs (host on the CPU, device on CUDA); on disk, the cache leaves the host estimate."""
-    from llmquant.preflight import checkpoint_tensors, make_plan, read_model_config
+    from llmquant.checkpoint import checkpoint_tensors
+    from llmquant.preflight import make_plan, read_model_config
 
     raw, tensors = read_model_config(tiny_checkpoint), checkpoint_tensors(tiny_checkpoint)
     config, calib = GPTQConfig(QuantScheme(4, 32, True)), CalibrationConfig(str(calib_text_file), 4, 32)
