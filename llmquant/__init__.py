@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
-from .config import AWQConfig, CalibrationConfig, GPTQConfig, QuantScheme, RTNConfig  # noqa: E402
+from .config import AWQConfig, CalibrationConfig, GPTQConfig, QuantScheme, RTNConfig
+from .version import __version__
 
 __all__ = [
     "AWQConfig",

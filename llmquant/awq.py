@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .config import QuantScheme
-from .grid import _grouped, dequantize_codes, fake_quantize, qparams_from_range, quantize_codes
+from .grid import dequantize_codes, fake_quantize, grouped_view, qparams_from_range, round_to_grid
 
 SCALE_FLOOR = 1e-4  # the reference implementations' clamp on candidate scales (and on w_mean's offset)
 
@@ -63,7 +63,7 @@ def weight_channel_mean(weights: list[torch.Tensor], group_size: int | None) -> 
     w = torch.cat([x.float() for x in weights])  # [sum N, K]
     n, k = w.shape
     gs = k if group_size is None else group_size
-    wg, _mask = _grouped(w.abs(), gs)  # [N, G, gs]; padding repeats a real value: amax unaffected
+    wg, _mask = grouped_view(w.abs(), gs)  # [N, G, gs]; padding repeats a real value: amax unaffected
     normed = wg / (wg.amax(dim=-1, keepdim=True) + 1e-6)
     return normed.reshape(n, -1)[:, :k].mean(dim=0)
 
@@ -131,7 +131,7 @@ def _clipped_error(
     """Per (row, group) ``e^T H_gg e`` for weights clamped to [lo, hi] and rounded on that range."""
     scale, zero = qparams_from_range(lo, hi, bits, sym)  # [N, G, 1]
     wc = torch.minimum(torch.maximum(wg, lo), hi)
-    e = dequantize_codes(quantize_codes(wc, scale, zero, bits), scale, zero) - wg  # [N, G, gs]
+    e = dequantize_codes(round_to_grid(wc, scale, zero, bits), scale, zero) - wg  # [N, G, gs]
     return torch.einsum("ngk,gkl,ngl->ng", e, hb, e)
 
 
@@ -146,7 +146,7 @@ def search_clip(
     """Per (row, group) range shrink ``p`` in ``{1 - i/n_grid * max_shrink}`` minimizing the group's
     output error ``e^T H_gg e`` (H from every calibration token). Asymmetric grids shrink [min, max]
     towards zero proportionally; symmetric grids shrink the absmax."""
-    wg, _mask = _grouped(w.float(), scheme.effective_group_size(w.shape[1]))  # [N, G, gs]
+    wg, _mask = grouped_view(w.float(), scheme.effective_group_size(w.shape[1]))  # [N, G, gs]
     hb = group_hessian_blocks(h, scheme.group_size)  # [G, gs, gs] (padding rows/cols are zero)
     wmin = wg.amin(dim=-1, keepdim=True)
     wmax = wg.amax(dim=-1, keepdim=True)

@@ -216,9 +216,16 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:.1f} MiB"
 
 
+def module_error(module: Mapping[str, Any]) -> float | None:
+    """A ``quant_log.json`` row's Hessian-weighted error (``loss`` in logs written before 0.1.1)."""
+    value = module.get("hessian_error", module.get("loss"))
+    return None if value is None else float(value)
+
+
 def loss_summary(modules: Sequence[Mapping[str, Any]], damp: float | None, worst: int = WORST_MODULES):
-    """(worst modules by loss, modules whose damp was raised above ``damp``, RTN fallbacks)."""
-    with_loss = sorted((m for m in modules if m.get("loss") is not None), key=lambda m: -float(m["loss"]))
+    """(worst modules by Hessian-weighted error, modules whose damp was raised above ``damp``, RTN
+    fallbacks)."""
+    with_loss = sorted((m for m in modules if module_error(m) is not None), key=lambda m: -module_error(m))
     raised = [m for m in modules if m.get("damp") is not None and damp is not None and m["damp"] > damp]
     fallbacks = [m for m in modules if m.get("fallback")]
     return with_loss[:worst], raised, fallbacks
@@ -233,8 +240,12 @@ def _loss_section(facts: Mapping[str, Any]) -> str:
     worst, raised, fallbacks = loss_summary(modules, damp)
     lines = [f"From `quant_log.json` ({len(modules)} modules).\n", *_awq_lines(modules)]
     if worst:
-        lines.append(f"Largest method losses (the {len(worst)} worst of {len(modules)}):\n")
-        lines.append(_table([("module", "loss")], [(f"`{m['name']}`", f"{m['loss']:.4g}") for m in worst]))
+        lines.append(
+            f"Largest Hessian-weighted errors tr((W - Q) H (W - Q)ᵀ) "
+            f"(the {len(worst)} worst of {len(modules)}):\n"
+        )
+        rows = [(f"`{m['name']}`", f"{module_error(m):.4g}") for m in worst]
+        lines.append(_table([("module", "error")], rows))
     else:
         lines.append("The method reports no per-module loss (round-to-nearest has no objective).\n")
     if damp is not None:

@@ -245,15 +245,16 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def _print_plan(args: argparse.Namespace, config, calib) -> int:
-    """--dry-run: every check, the plan and the estimates; exit 2 (with the numbers) when over memory."""
+    """--dry-run: every check, the plan and the estimates (adapted to the memory there is, as the run would
+    be); exit 2 (with the numbers) when nothing fits."""
     from .api import plan_quantization
-    from .preflight import GiB, check_memory
+    from .preflight import GiB
 
     planned = plan_quantization(
         args.model, args.output, config, calib, format=args.format, batch_size=args.batch_size,
-        overwrite=args.overwrite, resume=not args.no_resume,
+        overwrite=args.overwrite, resume=not args.no_resume, device=args.device, adapt=args.memory_check,
     )  # fmt: skip
-    plan = planned["plan"]
+    plan, fit = planned["plan"], planned["fit"]
     model = f"{args.model} ({plan.layers} layers, hidden {plan.hidden}, intermediate {plan.intermediate})"
     params = f"{plan.quantized_params / 1e6:.1f} M quantized + {plan.other_params / 1e6:.1f} M kept"
     scheme = f"w{args.bits} g{args.group_size or 'channel'} {'sym' if args.sym else 'asym'}"
@@ -265,16 +266,21 @@ def _print_plan(args: argparse.Namespace, config, calib) -> int:
         ("method / format", f"{args.method} -> {planned['format']}"),
         ("scheme", scheme),
         ("calibration", data),
+        ("device / batch size", f"{planned['device']} / {plan.batch_size}"),
         ("output size", size),
     ]
+    if fit.changes and fit.fits:
+        rows.append(("memory", fit.note(planned["asked"])))
     rows += [(f"  host: {k}", f"{v / 2**20:.1f} MiB") for k, v in plan.host.items() if v]
     rows.append(("peak host memory (estimate)", f"{plan.host_peak / GiB:.2f} GiB"))
-    rows.append(("available memory", f"{planned['available_memory'] / GiB:.2f} GiB"))
-    rows += [(f"  device: {k}", f"{v / 2**20:.1f} MiB") for k, v in plan.device.items() if v]
-    rows.append(("peak device memory (estimate, CUDA)", f"{plan.device_peak / GiB:.2f} GiB"))
+    rows.append(("available memory", f"{fit.host_available / GiB:.2f} GiB"))
+    if plan.device:
+        rows += [(f"  device: {k}", f"{v / 2**20:.1f} MiB") for k, v in plan.device.items() if v]
+        rows.append(("peak device memory (estimate)", f"{plan.device_peak / GiB:.2f} GiB"))
+        rows.append(("available device memory", f"{(fit.device_available or 0) / GiB:.2f} GiB"))
     _print_table(rows)
     if args.memory_check:
-        check_memory(plan.host_peak, planned["available_memory"])
+        fit.refuse()
     return 0
 
 
@@ -358,7 +364,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 def _check_card_target(path: str) -> None:
     """--update-card needs a quantized checkpoint (checked before the evaluation runs)."""
-    from .io import read_config
+    from .checkpoint import read_config
 
     if not read_config(path).get("quantization_config"):
         raise ValueError(f"{path} is not a quantized checkpoint; --update-card needs one")
@@ -492,7 +498,7 @@ def _peak_rss_gib() -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from .version import __version__
 
     parser = _Parser(prog="llmquant", description=DESCRIPTION, epilog=EPILOG, formatter_class=_HelpFormatter)
     parser.add_argument("--version", action="version", version=f"llmquant {__version__}")
@@ -515,6 +521,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     for noisy in NOISY_LOGGERS:
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    from .preflight import return_freed_memory
+
+    return_freed_memory()  # before any large tensor: the memory estimate assumes freed memory goes back
     try:
         return args.func(args)
     except (ValueError, OSError) as exc:  # llmquant.errors (typed), HubError, filesystem errors

@@ -17,6 +17,7 @@ is bit-identical) before it is moved into place, and it gets a fresh model card.
 from __future__ import annotations
 
 import fnmatch
+import json
 import logging
 import os
 from collections.abc import Iterator, Mapping
@@ -25,21 +26,15 @@ from typing import Any
 
 import torch
 
+from .checkpoint import CONFIG_FILE, Checkpoint, read_config
 from .config import QuantScheme
 from .errors import CheckpointError, LlmquantError, ModelNotFoundError, OptionError
 from .formats import CheckpointFormat, detect_format, get_format
 from .formats.base import llmquant_version, unpack_module
-from .io import (
-    CONFIG_FILE,
-    DEFAULT_MAX_SHARD_SIZE,
-    _pack_all,
-    _verify_checkpoint,
-    load_tensors,
-    read_checkpoint_index,
-    read_config,
-    write_checkpoint,
-)
+from .inspection import quantized_shapes
+from .io import DEFAULT_MAX_SHARD_SIZE, write_checkpoint
 from .qtensor import QuantizedWeight
+from .save import pack_modules, verify_written
 
 logger = logging.getLogger(__name__)
 
@@ -64,31 +59,6 @@ _SCALE_KEYS = ("scales", "weight_scale")
 
 class ConversionError(LlmquantError, ValueError):
     """The target format cannot hold the source's weights exactly (nothing was written)."""
-
-
-def linear_shapes(path: str | os.PathLike[str]) -> dict[str, tuple[int, int]]:
-    """(out_features, in_features) of every nn.Linear of the checkpoint's model, from its config.json
-    (the skeleton is built on the meta device; no weights are read)."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(path)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config)
-    return {
-        n: (m.out_features, m.in_features) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
-    }
-
-
-def quantized_shapes(path: Path, names: list[str]) -> tuple[dict[str, tuple[int, int]], list[str]]:
-    """(shapes of the quantized linears ``names``, the model's other linears) of checkpoint ``path``."""
-    linears = linear_shapes(path)
-    missing = [n for n in names if n not in linears]
-    if missing:
-        raise ValueError(f"{path}: quantized modules {missing[:3]} are not linears of the model")
-    return {n: linears[n] for n in names}, sorted(set(linears) - set(names))
 
 
 def refusal(
@@ -117,19 +87,17 @@ def refusal(
 class _SourceWeights(Mapping[str, QuantizedWeight]):
     """Module name -> QuantizedWeight, unpacked from the source checkpoint on access (one at a time)."""
 
-    def __init__(self, path: Path, fmt: CheckpointFormat, scheme: QuantScheme, shapes, index) -> None:
-        self.path, self.fmt, self.scheme, self.shapes = path, fmt, scheme, shapes
-        self.keys_of: dict[str, list[str]] = {n: [] for n in shapes}
-        for key in index:
-            module, _, leaf = key.rpartition(".")
-            if module in self.keys_of and leaf != "bias":
-                self.keys_of[module].append(key)
+    def __init__(self, ckpt: Checkpoint, fmt: CheckpointFormat, scheme: QuantScheme, shapes) -> None:
+        self.ckpt, self.fmt, self.scheme, self.shapes = ckpt, fmt, scheme, shapes
 
     def tensors(self, name: str) -> dict[str, torch.Tensor]:
-        return {k.rpartition(".")[2]: v for k, v in load_tensors(self.path, self.keys_of[name]).items()}
+        """The module's packed tensors (its bias is a plain tensor, copied as is)."""
+        tensors = self.ckpt.module_tensors(name)
+        tensors.pop("bias", None)
+        return tensors
 
     def __getitem__(self, name: str) -> QuantizedWeight:
-        where = f"{name} in {self.path}"
+        where = f"{name} in {self.ckpt.path}"
         return unpack_module(self.fmt, self.tensors(name), self.scheme, *self.shapes[name], where)
 
     def __iter__(self) -> Iterator[str]:
@@ -169,33 +137,33 @@ def convert_checkpoint(
         raise CheckpointError(f"{src} is not quantized (no quantization_config in config.json)")
     fmt, scheme, flags = detect_format(qc)
     target = get_format(format)
-    index = read_checkpoint_index(src)
-    shapes, not_converted = quantized_shapes(src, fmt.quantized_module_names(index))
-    weights = _SourceWeights(src, fmt, scheme, shapes, index)
-    permuted = _check_convertible(weights, target, scheme, src, fmt)
-    for note in target.engine_notes(scheme, act_order=permuted):
-        logger.warning(note)  # where the converted checkpoint will not run as is, and what runs there
-    packed = _pack_all(target, weights, scheme, permuted)
-    plain_keys = [k for k in index if k.rpartition(".")[0] not in shapes or k.endswith(".bias")]
-    plain = load_tensors(src, plain_keys)
-    new_qc = _target_config(target, scheme, qc, flags, fmt, permuted, not_converted, base_model, src)
-    config["quantization_config"] = new_qc
-    finalize = card_writer(out_dir.name)
+    with Checkpoint(src) as ckpt:
+        shapes, not_converted = quantized_shapes(src, fmt.quantized_module_names(ckpt.index))
+        weights = _SourceWeights(ckpt, fmt, scheme, shapes)
+        permuted = _check_convertible(weights, target, scheme, src, fmt)
+        for note in target.engine_notes(scheme, act_order=permuted):
+            logger.warning(note)  # where the converted checkpoint will not run as is, and what runs there
+        packed = pack_modules(target, weights, scheme, permuted)
+        plain = ckpt.read(k for k in ckpt.index if k.rpartition(".")[0] not in shapes or k.endswith(".bias"))
+        new_qc = _target_config(target, scheme, qc, flags, fmt, permuted, not_converted, base_model, src)
+        config["quantization_config"] = new_qc
+        finalize = card_writer(out_dir.name)
 
-    def verify(tmp: Path) -> None:
-        _verify_checkpoint(tmp, target, scheme, weights, plain, set(packed))
-        finalize(tmp)
+        def verify(tmp: Path) -> None:
+            verify_written(tmp, target, scheme, weights, plain, set(packed))
+            finalize(tmp)
 
-    path = write_checkpoint(
-        out_dir,
-        {**plain, **packed},
-        config=config,
-        extra_files=target.extra_files(new_qc),
-        copy_files=_files_to_copy(src),
-        metadata={"llmquant_version": llmquant_version(), "quantization_format": target.name},
-        max_shard_size=max_shard_size,
-        verify=verify,
-    )
+        copies, logs = _files_to_copy(src)
+        path = write_checkpoint(
+            out_dir,
+            {**plain, **packed},
+            config=config,
+            extra_files=target.extra_files(new_qc) | logs,
+            copy_files=copies,
+            metadata={"llmquant_version": llmquant_version(), "quantization_format": target.name},
+            max_shard_size=max_shard_size,
+            verify=verify,
+        )
     return {"path": path, "from": fmt.name, "format": target.name, "modules": len(shapes), "scheme": scheme}
 
 
@@ -259,16 +227,32 @@ def _target_config(
     return out
 
 
-def _files_to_copy(src: Path) -> list[Path]:
-    """Tokenizer, generation config, chat template, quant log and license files of ``src``."""
-    copies, skipped = [], []
+def _files_to_copy(src: Path) -> tuple[list[Path], dict[str, dict]]:
+    """Tokenizer, generation config, chat template, quant log and license files of ``src``; an llmquant
+    ``quant_log.json`` is returned as JSON content (second item) without the quantize run's fingerprint
+    (which marks that run's own output, see ``api.save_quantized``)."""
+    copies, skipped, logs = [], [], {}
     for f in sorted(src.iterdir()):
         if not f.is_file() or f.name == CONFIG_FILE or f.name.endswith(".safetensors"):
             continue
-        if any(fnmatch.fnmatch(f.name, pattern) for pattern in COPIED_FILES):
+        log = _quant_log_without_run(f) if f.name == "quant_log.json" else None
+        if log is not None:
+            logs[f.name] = log
+        elif any(fnmatch.fnmatch(f.name, pattern) for pattern in COPIED_FILES):
             copies.append(f)
         elif not f.name.endswith(".safetensors.index.json"):
             skipped.append(f.name)
     if skipped:
         logger.info("not copied from %s: %s (the output gets its own)", src, ", ".join(skipped))
-    return copies
+    return copies, logs
+
+
+def _quant_log_without_run(path: Path) -> dict | None:
+    """``path``'s JSON without ``run_fingerprint`` when it has one (else None: the file is copied)."""
+    try:
+        log = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(log, dict) or "run_fingerprint" not in log:
+        return None
+    return {k: v for k, v in log.items() if k != "run_fingerprint"}

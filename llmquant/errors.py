@@ -40,6 +40,10 @@ class ResumeMismatchError(LlmquantError, ValueError):
     """A resume directory belongs to a different run (the message says which part differs)."""
 
 
+class ResumeStateError(LlmquantError, ValueError):
+    """A resume directory of this run has missing or unreadable files (the message names the file)."""
+
+
 class OptionError(LlmquantError, ValueError):
     """An option value that cannot work with this model (e.g. --seqlen beyond its context)."""
 

@@ -63,7 +63,7 @@ class FusedQuantLinear(QuantLinear):
         if torch.compiler.is_compiling():  # column views of the fused buffers, no Python-side cache
             return quant_matmul(
                 x, self.qweight[:, lo:hi], self.scales[:, lo:hi], self.zeros[:, lo:hi], self.bits,
-                self.kernel_group_size, self.perm, None if self.bias is None else self.bias[lo:hi],
+                self.effective_group_size, self.perm, None if self.bias is None else self.bias[lo:hi],
             )  # fmt: skip
         cache = self._cache
         if cache is None or cache[0] is not x or cache[1] != x._version or index in cache[3]:

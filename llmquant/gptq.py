@@ -46,7 +46,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import GPTQConfig
-from .grid import compute_qparams, dequantize_codes, group_qparams, quantize_codes, quantize_weight
+from .grid import compute_qparams, dequantize_codes, group_qparams, quantize_weight, round_to_grid
 from .qtensor import QuantizedWeight, trivial_g_idx
 
 logger = logging.getLogger(__name__)
@@ -63,7 +63,8 @@ class GPTQResult:
         groups).
     loss: GPTQ objective ``Σ (w - q)² / (2 · Hinv[i, i]²)`` (see module docstring); for the RTN fallback,
         ``hessian_error / 2``.
-    hessian_error: ``tr((W - Q) H (W - Q)ᵀ)`` with the undamped H given.
+    row_errors: ``e_n H e_nᵀ`` per row n of E = W - Q, with the undamped H given [N] (the pipeline sums
+        the rows of each module of a stacked group, so the error is computed once).
     damp: damp fraction actually used (> config.damp when raised; the last one tried on fallback).
     dead_columns: columns with ``H[i, i] == 0`` (zeroed).
     fallback: None, or ``"rtn"`` when no damp up to DAMP_CAP gave a usable factorization or H is all zero.
@@ -71,10 +72,15 @@ class GPTQResult:
 
     weight: QuantizedWeight
     loss: float
-    hessian_error: float
+    row_errors: torch.Tensor
     damp: float
     dead_columns: int
     fallback: str | None = None
+
+    @property
+    def hessian_error(self) -> float:
+        """``tr((W - Q) H (W - Q)ᵀ)`` with the undamped H given."""
+        return float(self.row_errors.sum())
 
 
 @dataclass
@@ -112,11 +118,16 @@ def accumulate_hessian(
     return H, n_samples + X.shape[0]
 
 
-def hessian_weighted_error(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> float:
-    """``tr((W - Q) H (W - Q)ᵀ)`` (float64 if any input is, else float32)."""
+def row_hessian_errors(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
+    """``(e_n H e_nᵀ)`` per row n of E = W - Q: [N] (float64 if any input is, else float32)."""
     dtype = _work_dtype(W, Q, H)
     E = W.to(dtype) - Q.to(device=W.device, dtype=dtype)  # [N, K]
-    return float(((E @ H.to(device=W.device, dtype=dtype)) * E).sum())
+    return ((E @ H.to(device=W.device, dtype=dtype)) * E).sum(dim=1)
+
+
+def hessian_weighted_error(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> float:
+    """``tr((W - Q) H (W - Q)ᵀ)``: the sum of :func:`row_hessian_errors`."""
+    return float(row_hessian_errors(W, Q, H).sum())
 
 
 def gptq_quantize(
@@ -152,7 +163,7 @@ def gptq_quantize(
     return GPTQResult(
         weight=weight,
         loss=loss,
-        hessian_error=hessian_weighted_error(W0, weight.dequantize(dtype), H0),
+        row_errors=row_hessian_errors(W0, weight.dequantize(dtype), H0),
         damp=damp,
         dead_columns=int(dead.sum()),
     )
@@ -226,8 +237,8 @@ def _rtn_fallback(
         reason,
     )
     weight = quantize_weight(W, config.scheme, mse=config.mse_clip)
-    error = hessian_weighted_error(W, weight.dequantize(W.dtype), H)
-    return GPTQResult(weight, error / 2, error, damp, dead_columns, fallback="rtn")
+    rows = row_hessian_errors(W, weight.dequantize(W.dtype), H)
+    return GPTQResult(weight, float(rows.sum()) / 2, rows, damp, dead_columns, fallback="rtn")
 
 
 def _column_order(diag: torch.Tensor, act_order: bool) -> torch.Tensor:
@@ -293,7 +304,7 @@ def _quantize_block(
     Err1 = torch.zeros_like(W1)
     for i in range(W1.shape[1]):
         w = W1[:, i]
-        codes1[:, i] = quantize_codes(w, scale1[:, i], zero1[:, i], bits)
+        codes1[:, i] = round_to_grid(w, scale1[:, i], zero1[:, i], bits)
         q = dequantize_codes(codes1[:, i], scale1[:, i], zero1[:, i]).to(W1.dtype)
         err1 = (w - q) / Hinv1[i, i]
         W1[:, i + 1 :].addr_(err1, Hinv1[i, i + 1 :], alpha=-1.0)

@@ -44,7 +44,7 @@ def qparams_from_range(
     return scale, zero
 
 
-def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+def round_to_grid(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
     """Codes (float32 holding integers) of ``w`` on the grid; scale/zero broadcast against w."""
     maxq = (1 << bits) - 1
     q = w.float() / scale
@@ -90,14 +90,14 @@ def group_qparams(
 def _grid_error(
     w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, importance: torch.Tensor | None
 ) -> torch.Tensor:
-    err = (dequantize_codes(quantize_codes(w, scale, zero, bits), scale, zero) - w.float()).abs()
+    err = (dequantize_codes(round_to_grid(w, scale, zero, bits), scale, zero) - w.float()).abs()
     err = err.pow(MSE_NORM)
     if importance is not None:
         err = err * importance
     return err.sum(dim=-1, keepdim=True)
 
 
-def _grouped(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def grouped_view(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """W [N, K] -> ([N, G, group_size] padded by repeating each row's last column, mask [G, gs])."""
     n, k = w.shape
     g = -(-k // group_size)
@@ -120,19 +120,19 @@ def compute_qparams(
     """
     n, k = w.shape
     gs = scheme.effective_group_size(k)
-    wg, mask = _grouped(w.float(), gs)
-    imp = mask if importance is None else _grouped(importance.float()[None, :], gs)[0][0] * mask
+    wg, mask = grouped_view(w.float(), gs)
+    imp = mask if importance is None else grouped_view(importance.float()[None, :], gs)[0][0] * mask
     scale, zero = group_qparams(wg, scheme.bits, scheme.sym, mse=mse, importance=imp)
     return scale[..., 0].half(), zero[..., 0].to(torch.uint8)  # [N, G, 1] -> [N, G]
 
 
-def quantize_to_codes(
+def _codes_of_groups(
     w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, g_idx: torch.Tensor
 ) -> torch.Tensor:
     """uint8 codes [N, K] of W [N, K] given per-group scales/zeros [N, G] and g_idx [K]."""
     s = scales.float()[:, g_idx.long()]  # [N, G] -> [N, K]
     z = zeros.float()[:, g_idx.long()]
-    return quantize_codes(w, s, z, bits).to(torch.uint8)
+    return round_to_grid(w, s, z, bits).to(torch.uint8)
 
 
 def quantize_weight(
@@ -143,7 +143,7 @@ def quantize_weight(
 
     scales, zeros = compute_qparams(w, scheme, mse=mse, importance=importance)
     g_idx = trivial_g_idx(w.shape[1], scheme.group_size, device=w.device)
-    codes = quantize_to_codes(w, scales, zeros, scheme.bits, g_idx)
+    codes = _codes_of_groups(w, scales, zeros, scheme.bits, g_idx)
     return QuantizedWeight(codes, scales, zeros, scheme.bits, scheme.group_size)
 
 
@@ -151,7 +151,7 @@ def fake_quantize(w: torch.Tensor, scheme: QuantScheme, *, mse: bool = False) ->
     """quantize -> dequantize, in W's dtype (bit-identical to ``quantize_weight(...).dequantize()``,
     computed on the grouped view without materializing codes, scales per column or g_idx)."""
     n, k = w.shape
-    wg, _mask = _grouped(w.float(), scheme.effective_group_size(k))  # [N, G, gs]
+    wg, _mask = grouped_view(w.float(), scheme.effective_group_size(k))  # [N, G, gs]
     scale, zero = group_qparams(wg, scheme.bits, scheme.sym, mse=mse, importance=_mask if mse else None)
-    q = quantize_codes(wg, scale, zero, scheme.bits)
+    q = round_to_grid(wg, scale, zero, scheme.bits)
     return dequantize_codes(q, scale, zero).reshape(n, -1)[:, :k].to(w.dtype)

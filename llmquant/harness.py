@@ -1,6 +1,7 @@
 """lm-evaluation-harness tasks on a (quantized) checkpoint, through the harness's Hugging Face wrapper.
 
-The checkpoint is loaded by :func:`llmquant.api.load_any` (``from_pretrained`` for a quantized one) and
+The checkpoint is loaded by :func:`llmquant.api.load_any` (``from_pretrained`` for a quantized one, with
+the dequantize-once cache off CUDA) and
 the model object itself is handed to ``lm_eval.models.huggingface.HFLM(pretrained=<model>)``, so the
 harness scores exactly the modules llmquant serves. lm-eval is an optional extra
 (``pip install 'llmquant[eval]'``), imported only here and only when called. Tasks may come from the
@@ -60,7 +61,9 @@ def evaluate_tasks(
     if unknown:
         raise ValueError(f"unknown lm-eval task(s) {unknown}; add --include-path for local task files")
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_any(path, dev, torch.float32 if dev == "cpu" else None)
+    model = load_any(
+        path, dev, torch.float32 if dev == "cpu" else None, dequantize_cache=torch.device(dev).type != "cuda"
+    )
     tokenizer = AutoTokenizer.from_pretrained(path)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     results = lm_eval.simple_evaluate(

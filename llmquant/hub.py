@@ -9,7 +9,7 @@ safetensors sizes. So the card can be rendered again at any time with the same t
 wrote, is never overwritten). Files are replaced atomically (temporary file + rename).
 
 Push. :func:`push_checkpoint` refuses a folder that is not a verified llmquant checkpoint or whose
-verification fails now (``api.inspect_checkpoint`` re-verifies), then creates the repository if
+verification fails now (``inspection.inspect_checkpoint`` re-verifies), then creates the repository if
 missing and uploads every file of the folder in ONE commit through ``HfApi.create_commit``.
 (``upload_folder`` is not used: with ``hf_xet`` installed it splits large folders into several
 commits.) Large files go through the hub's content-addressed storage (Xet, or LFS without
@@ -33,9 +33,9 @@ from typing import Any
 import yaml
 
 from . import card
+from .checkpoint import read_checkpoint_index, read_config
 from .formats import detect_format
 from .formats.base import llmquant_version
-from .io import read_checkpoint_index, read_config
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ def card_facts(path: str | os.PathLike[str], *, name: str | None = None, repo_id
     ``name`` is the checkpoint's folder name (default: ``path``'s); ``repo_id`` the repository it is
     published as, which the load snippets then use.
     """
-    from .convert import quantized_shapes
+    from .inspection import quantized_shapes
 
     path = Path(path)
     qc = read_config(path).get("quantization_config") or {}
@@ -287,7 +287,7 @@ def push_checkpoint(
 def check_pushable(path: Path) -> dict[str, Any]:
     """The fresh ``inspect`` of ``path``; ValueError unless llmquant verified it at save time and it
     verifies again now."""
-    from .api import inspect_checkpoint
+    from .inspection import inspect_checkpoint
 
     try:
         info = inspect_checkpoint(path)

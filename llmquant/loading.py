@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -20,11 +19,11 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from .arch import UnsupportedArchitectureError, get_arch
+from .checkpoint import Checkpoint, read_config
 from .formats import detect_format
 from .formats.base import unpack_module
 from .fuse import fuse_quant_linears
-from .io import load_tensors, read_checkpoint_index, read_config
-from .nn import QuantLinear, set_module
+from .nn import QuantLinear, cache_dense_weights, set_module
 
 logger = logging.getLogger(__name__)
 
@@ -49,14 +48,22 @@ def from_pretrained(
     device: str | torch.device = "cpu",
     progress: bool = True,
     fuse: bool | None = None,
+    dequantize_cache: bool = False,
 ) -> PreTrainedModel:
     """Load a GPTQ / AWQ / compressed-tensors checkpoint directory into QuantLinear modules.
 
     ``fuse``: one matmul launch for the linears that share an input (q/k/v, gate/up; ``llmquant.fuse``).
     None (default) fuses on CUDA devices, where it saves kernel launches, and not elsewhere. Load with
     ``fuse=False`` to keep one module (and state_dict entry) per checkpoint linear.
+
+    ``dequantize_cache``: for CPU inference, dequantize every quantized weight once and keep it as a
+    dense float32 copy (``QuantLinear.cache_dense_weight``) instead of dequantizing on every forward:
+    bitwise the same outputs, about the float model's speed, at 4 bytes per quantized weight of extra
+    memory (425 MB for SmolLM2-135M). Refused (ValueError) on a CUDA device.
     """
     path = Path(path)
+    if dequantize_cache and torch.device(device).type == "cuda":
+        raise ValueError("dequantize_cache is for CPU inference; on CUDA the kernels read the packed weights")
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} is not a checkpoint directory (no config.json)")
     qcfg = read_config(path).get("quantization_config")
@@ -66,26 +73,24 @@ def from_pretrained(
         )
     fmt, scheme, _flags = detect_format(qcfg)
     model, dtype = _skeleton(path, dtype)
-    index = read_checkpoint_index(path)
-    qnames = fmt.quantized_module_names(index)
-    by_module: dict[str, list[str]] = defaultdict(list)
-    for key in index:
-        by_module[key.rpartition(".")[0]].append(key)
-    for name in tqdm(qnames, desc="loading quantized linears", disable=not progress):
-        linear = model.get_submodule(name)
-        tensors = load_tensors(path, by_module[name], device=device)
-        suffixes = {k.rpartition(".")[2]: v for k, v in tensors.items()}
-        bias = suffixes.pop("bias", None)
-        where = f"{name} in {index[by_module[name][0]]}"
-        qw = unpack_module(fmt, suffixes, scheme, linear.out_features, linear.in_features, where)
-        set_module(model, name, QuantLinear.from_quantized(qw, bias, dtype=dtype))
-    quantized_keys = {k for n in qnames for k in by_module[n]}
-    _load_plain_tensors(model, path, [k for k in index if k not in quantized_keys], dtype, device)
+    with Checkpoint(path) as ckpt:
+        qnames = fmt.quantized_module_names(ckpt.index)
+        for name in tqdm(qnames, desc="loading quantized linears", disable=not progress):
+            linear = model.get_submodule(name)
+            tensors = ckpt.module_tensors(name, device=device)
+            bias = tensors.pop("bias", None)
+            where = f"{name} in {ckpt.index[ckpt.keys_of(name)[0]]}"
+            qw = unpack_module(fmt, tensors, scheme, linear.out_features, linear.in_features, where)
+            set_module(model, name, QuantLinear.from_quantized(qw, bias, dtype=dtype))
+        quantized_keys = {k for n in qnames for k in ckpt.keys_of(n)}
+        _load_plain_tensors(model, ckpt, [k for k in ckpt.index if k not in quantized_keys], dtype, device)
     model.to(device)
     model.eval()
     model.llmquant_quantization_config = qcfg
     if fuse or (fuse is None and torch.device(device).type == "cuda"):
         _fuse(model, required=bool(fuse))
+    if dequantize_cache:
+        cache_dense_weights(model)
     return model
 
 
@@ -101,10 +106,10 @@ def _fuse(model: PreTrainedModel, required: bool) -> None:
 
 
 def _load_plain_tensors(
-    model: PreTrainedModel, path: Path, keys: list[str], dtype: torch.dtype, device: str | torch.device
+    model: PreTrainedModel, ckpt: Checkpoint, keys: list[str], dtype: torch.dtype, device: str | torch.device
 ) -> None:
     expected = dict(model.named_parameters()) | dict(model.named_buffers())
-    for key, tensor in load_tensors(path, keys, device=device).items():
+    for key, tensor in ckpt.read(keys, device=device).items():
         if key not in expected:
             logger.debug("ignoring checkpoint tensor %s (no such parameter)", key)
             continue
@@ -114,4 +119,4 @@ def _load_plain_tensors(
         model.tie_weights()
     missing = [n for n, p in model.named_parameters() if p.is_meta]
     if missing:
-        raise ValueError(f"checkpoint {path} lacks tensors for {missing[:3]} ({len(missing)} missing)")
+        raise ValueError(f"checkpoint {ckpt.path} lacks tensors for {missing[:3]} ({len(missing)} missing)")

@@ -22,83 +22,34 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch import nn
 
 from .arch import ArchSpec
 from .config import AWQConfig, GPTQConfig, MethodConfig, QuantScheme, RTNConfig
+from .faults import kill_point
 from .grid import quantize_weight
-from .qtensor import QuantizedWeight
+from .layer import Call, LayerContext, LayerResult, ModuleLog, Rounder, Transform, TransformNotes
+from .transforms import AWQTransform
 
-
-@dataclass(frozen=True)
-class ModuleLog:
-    """One row of the per-module quantization log (``quant_log.json``)."""
-
-    name: str
-    loss: float | None  # method objective (GPTQ: Hessian-weighted error); None for RTN
-    damp: float | None  # damp fraction actually used (GPTQ)
-    seconds: float
-    tokens: int  # calibration tokens that entered the statistics (padding excluded)
-    fallback: str | None = None
-    transform: dict[str, Any] | None = None  # what a transform did to this linear (AWQ alpha, clip)
-
-
-@dataclass(frozen=True)
-class Call:
-    """One captured call of a submodule on one calibration batch (on the compute device)."""
-
-    args: tuple
-    kwargs: dict
-    output: torch.Tensor  # the float module's output (first element of a tuple output)
-    mask: torch.Tensor | None  # [b, S] bool, True = real token; None = no padding
-
-
-class LayerContext(Protocol):
-    """What the pipeline offers a method for one layer."""
-
-    index: int
-    arch: ArchSpec
-
-    def collect_inputs(
-        self, layer: nn.Module, names: Sequence[str], fn: Callable[[str, torch.Tensor], None]
-    ) -> None:
-        """Run every calibration batch through ``layer``; call ``fn(name, X [tokens, K])`` with the
-        real (unpadded) input tokens of each named submodule."""
-        ...
-
-    def capture_calls(self, layer: nn.Module, names: Sequence[str], n_samples: int) -> dict[str, list[Call]]:
-        """The positional and keyword arguments and outputs of each named submodule's calls on the first
-        ``n_samples`` calibration sequences (whole batches)."""
-        ...
-
-    def replay(self, module: nn.Module, calls: Sequence[Call]) -> list[torch.Tensor]:
-        """``module`` run again on each captured call's arguments."""
-        ...
-
-    def write_back(self, layer: nn.Module, result: LayerResult) -> None:
-        """Replace each quantized linear's float weight by its dequantized weight (in place)."""
-        ...
-
-
-LayerResult = dict[str, tuple[QuantizedWeight, ModuleLog]]
-TransformNotes = dict[str, dict[str, Any]]  # linear name -> notes merged into its ModuleLog.transform
-
-
-class Rounder(Protocol):
-    needs_calibration: bool
-
-    def quantize_layer(self, layer: nn.Module, ctx: LayerContext) -> LayerResult: ...
-
-    def checkpoint_meta(self, logs: Sequence[ModuleLog]) -> dict[str, Any]: ...
-
-
-class Transform(Protocol):
-    needs_calibration: bool
-
-    def apply(self, layer: nn.Module, ctx: LayerContext) -> TransformNotes: ...
+__all__ = [  # the per-layer types are defined in llmquant.layer and offered here too
+    "METHODS",
+    "Call",
+    "LayerContext",
+    "LayerPlan",
+    "MethodSpec",
+    "LayerResult",
+    "ModuleLog",
+    "TransformNotes",
+    "build_method_config",
+    "checkpoint_meta",
+    "make_plan",
+    "register_rounder",
+    "register_transform",
+    "rounder_config",
+]
 
 
 _ROUNDERS: dict[type, Callable[[Any], Rounder]] = {}
@@ -126,6 +77,9 @@ def register_transform(config_type: type) -> Callable[[type], type]:
     return deco
 
 
+register_transform(AWQConfig)(AWQTransform)
+
+
 @dataclass
 class LayerPlan:
     """What runs on every decoder layer: transforms in order, then one rounder."""
@@ -145,7 +99,6 @@ def rounder_config(config: MethodConfig) -> RTNConfig | GPTQConfig:
 
 def make_plan(config: MethodConfig) -> LayerPlan:
     """The transforms + rounder registered for ``config``'s type (and its rounder's)."""
-    _ensure_registered()
     transforms: list[Transform] = []
     if type(config) in _TRANSFORMS:
         transforms.append(_TRANSFORMS[type(config)](config))
@@ -159,10 +112,6 @@ def checkpoint_meta(config: MethodConfig, logs: Sequence[ModuleLog]) -> dict[str
     """Metadata a checkpoint records about the method (its config and the rounder's statistics)."""
     meta: dict[str, Any] = {"method_config": config.to_dict() | {"method": config.method}}
     return meta | make_plan(config).rounder.checkpoint_meta(logs)
-
-
-def _ensure_registered() -> None:
-    from . import transforms  # noqa: F401  (registers AWQ)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -221,6 +170,7 @@ class GPTQRounder:
             for group in phase:
                 H, n = stats[group[0]]
                 done.update(self._quantize_group(layer, group, H / max(n, 1), n))
+                kill_point("gptq.group")
             if i < len(phases) - 1:  # the next phase sees this phase's quantized outputs (the pipeline
                 ctx.write_back(layer, done)  # writes back the last one with every other rounder's)
             out.update(done)
@@ -232,7 +182,7 @@ class GPTQRounder:
         """GPTQ on the group's weights stacked along N: they share H (same input), GPTQ treats rows
         independently, and act-order's permutation depends on H only, so one call equals one call per
         module -- with a single Cholesky and a third of the per-column work for q/k/v."""
-        from .gptq import gptq_quantize, hessian_weighted_error
+        from .gptq import gptq_quantize
 
         t0 = time.perf_counter()
         weights = [layer.get_submodule(name).weight.data.float() for name in group]
@@ -242,8 +192,8 @@ class GPTQRounder:
         start = 0
         for name, W in zip(group, weights):
             qw = res.weight.rows(start, start + W.shape[0])
+            error = float(res.row_errors[start : start + W.shape[0]].sum())  # this module's rows
             start += W.shape[0]
-            error = hessian_weighted_error(W, qw.dequantize(), H)
             out[name] = (qw, ModuleLog(name, error, res.damp, seconds, tokens, res.fallback))
         return out
 

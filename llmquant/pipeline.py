@@ -28,16 +28,18 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from . import __version__
 from .arch import ArchSpec
 from .calibration import SYNTHETIC, CalibrationBlocks, load_calibration
 from .config import CalibrationConfig, MethodConfig
-from .methods import Call, LayerPlan, LayerResult, ModuleLog, make_plan
+from .faults import kill_point
+from .layer import Call, LayerResult, ModuleLog
+from .methods import LayerPlan, make_plan
 from .nn import QuantLinear, set_module
 from .numerics import check_finite_activations
 from .qtensor import QuantizedWeight
 from .resume import ResumeState
 from .source import LoadedModel, ModelSource, StreamedModel
+from .version import __version__
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +55,7 @@ class QuantizationResult:
     calibration: dict | None = None
     seconds: float = 0.0
     resume_dir: Path | None = None  # delete once the checkpoint is saved (``save_quantized`` does)
+    fingerprint: str | None = None  # of the run's inputs (resume.ResumeState); written to quant_log.json
 
 
 class _StopForward(Exception):
@@ -112,6 +115,16 @@ class _Context:
             if keep:
                 outs.append(y.to("cpu"))
         return outs
+
+    def propagate(self, layer: nn.Module) -> None:
+        """Every cached batch through ``layer``, each batch's inputs overwritten by its outputs as soon
+        as they exist: the activation cache is held once (plus one batch's working memory), not twice,
+        and stays where it is (in memory, or in the mapped file of ``activation_buffers``)."""
+        with torch.inference_mode():
+            for j, x in enumerate(self.inputs):
+                kwargs = {k: _to(v, self.device) for k, v in self.kwargs[j].items()}
+                y = layer(x.to(self.device, self.dtype), **kwargs)
+                x.copy_(y[0] if isinstance(y, tuple) else y)  # x is no longer needed
 
     def collect_inputs(
         self, layer: nn.Module, names: Sequence[str], fn: Callable[[str, torch.Tensor], None]
@@ -216,9 +229,15 @@ def _outside_modules(source: ModelSource) -> list[nn.Module]:
 
 
 def capture_layer_inputs(
-    source: ModelSource, blocks: CalibrationBlocks, batch_size: int, device: torch.device, dtype: torch.dtype
+    source: ModelSource,
+    blocks: CalibrationBlocks,
+    batch_size: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    buffers: list[torch.Tensor] | None = None,
 ) -> tuple[list[torch.Tensor], list[dict], list[torch.Tensor | None]]:
-    """Decoder-layer-0 inputs and kwargs for every calibration batch (inputs kept on the CPU)."""
+    """Decoder-layer-0 inputs and kwargs for every calibration batch (inputs kept on the CPU, copied into
+    ``buffers`` when given: see :func:`activation_buffers`)."""
     captured: dict = {}
 
     def pre_hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -246,14 +265,37 @@ def capture_layer_inputs(
                     attention_mask=mask.to(device) if padded else None,
                     use_cache=False,
                 )
-            inputs.append(captured["x"].to("cpu"))
+            x = captured.pop("x")
+            inputs.append(x.to("cpu") if buffers is None else buffers[len(inputs)].copy_(x))
             kwargs_list.append({k: _to(v, torch.device("cpu")) for k, v in captured["kwargs"].items()})
             masks.append(mask.bool() if padded else None)
+            kill_point("capture.batch")
     finally:
         handle.remove()
         for m, p_dtype in saved:
             m.to(device="cpu", dtype=p_dtype)
     return inputs, kwargs_list, masks
+
+
+ACTIVATION_CACHE = "activations.cache"
+
+
+def activation_buffers(
+    shape: torch.Size, hidden: int, batch_size: int, dtype: torch.dtype, file: Path | None = None
+) -> list[torch.Tensor]:
+    """Empty [b, seqlen, hidden] buffers for the activation cache of ``shape`` = [n, seqlen] calibration
+    tokens in batches of ``batch_size``: in memory, or (``file``) views of that file mapped shared, whose
+    pages the kernel writes back and may evict under memory pressure (the cache then costs disk reads,
+    not memory)."""
+    n, seqlen = shape
+    sizes = [min(batch_size, n - start) for start in range(0, n, batch_size)]
+    if file is None:
+        return [torch.empty(b, seqlen, hidden, dtype=dtype) for b in sizes]
+    flat = torch.from_file(str(file), shared=True, size=n * seqlen * hidden, dtype=dtype)
+    return [
+        part.view(b, seqlen, hidden)
+        for part, b in zip(flat.split([b * seqlen * hidden for b in sizes]), sizes)
+    ]
 
 
 def _resolve_source(model: PreTrainedModel | ModelSource | str | Path) -> ModelSource:
@@ -297,13 +339,16 @@ def quantize(
     batch_size: int = 8,
     resume_dir: str | Path | None = None,
     progress: bool = True,
+    offload_activations: bool = False,
 ) -> QuantizationResult:
     """Quantize every decoder-layer linear of ``model`` (a loaded model or a checkpoint path).
 
     ``calibration`` (blocks or a config; needs ``tokenizer``) is used by calibrated methods (GPTQ, AWQ).
     Computation runs on ``device`` (default: CUDA if available) in the model's dtype there, in float32
     on the CPU. With ``resume_dir``, every finished layer is checkpointed and an interrupted run
-    with the same inputs continues where it stopped, bit-identically.
+    with the same inputs continues where it stopped, bit-identically. ``offload_activations`` keeps the
+    activation cache in a file of ``resume_dir`` mapped into memory (``activation_buffers``), for runs
+    whose cache does not fit in memory; the results are the same bytes.
     """
     t0 = time.perf_counter()
     source = _resolve_source(model)
@@ -319,12 +364,10 @@ def quantize(
         "calibration data": blocks.fingerprint if blocks else None,
         "batch size / compute dtype": [batch_size, str(compute_dtype)],
     }
-    state = ResumeState(Path(resume_dir) if resume_dir else None, parts)
+    state = ResumeState(Path(resume_dir) if resume_dir else None, parts, {"batch_size": batch_size})
     ctx = None
     if blocks is not None:
-        inputs, kwargs, masks = capture_layer_inputs(source, blocks, batch_size, dev, compute_dtype)
-        inputs = state.load_activations() if state.layers_done else inputs
-        ctx = _Context(0, source.arch, inputs, kwargs, masks, dev, compute_dtype)
+        ctx = _calibration_context(source, blocks, state, batch_size, dev, compute_dtype, offload_activations)
     quantized: list[str] = []
     logs: list[ModuleLog] = []
     bar = tqdm(range(len(source.layers)), desc=f"{config.method} layers", disable=not progress)
@@ -342,9 +385,9 @@ def quantize(
         for name, (_qw, log) in result.items():
             quantized.append(prefix + name)
             logs.append(dataclasses.replace(log, name=prefix + name))
-        losses = [log.loss for _, log in result.values() if log.loss is not None]
+        losses = [log.hessian_error for _, log in result.values() if log.hessian_error is not None]
         if losses:
-            bar.set_postfix(loss=f"{max(losses):.3g}")
+            bar.set_postfix(error=f"{max(losses):.3g}")
     calib = (
         None
         if blocks is None
@@ -357,7 +400,29 @@ def quantize(
     )
     seconds = time.perf_counter() - t0
     weights = QuantizedWeights(source.model, quantized)
-    return QuantizationResult(source.model, weights, config, logs, calib, seconds, state.dir)
+    return QuantizationResult(source.model, weights, config, logs, calib, seconds, state.dir, state.fp)
+
+
+def _calibration_context(
+    source: ModelSource,
+    blocks: CalibrationBlocks,
+    state: ResumeState,
+    batch_size: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    offload: bool,
+) -> _Context:
+    """The activation cache (layer 0's inputs, or a resumed run's saved activations), in memory or in
+    ``ACTIVATION_CACHE`` of the resume directory (``offload``)."""
+    if offload and state.dir is None:
+        raise ValueError("offload_activations needs resume_dir (the cache file is kept there)")
+    file = state.dir / ACTIVATION_CACHE if offload and state.dir else None
+    hidden = source.model.config.hidden_size
+    buffers = activation_buffers(blocks.input_ids.shape, hidden, batch_size, dtype, file)
+    inputs, kwargs, masks = capture_layer_inputs(source, blocks, batch_size, device, dtype, buffers)
+    if state.layers_done:
+        state.load_activations(into=inputs)
+    return _Context(0, source.arch, inputs, kwargs, masks, device, dtype)
 
 
 def _transformed_tensors(layer: nn.Module, result: LayerResult) -> dict[str, torch.Tensor]:
@@ -389,16 +454,19 @@ def _quantize_layer(
         layer.to(device=device)
         return plan.rounder.quantize_layer(layer, _Context(index, arch, [], [], [], device, dtype))
     layer.to(device=device, dtype=dtype)
+    kill_point("layer.loaded")
     ctx.index = index
     notes: dict[str, dict] = {}
     for transform in plan.transforms:
         for name, note in transform.apply(layer, ctx).items():
             notes.setdefault(name, {}).update(note)
+        kill_point("layer.transformed")
     result = plan.rounder.quantize_layer(layer, ctx)
+    kill_point("layer.rounded")
     ctx.write_back(layer, result)
-    with torch.inference_mode():
-        ctx.inputs = ctx.run(layer, keep=True)
+    ctx.propagate(layer)
     check_finite_activations(ctx.inputs, index, dtype)
+    kill_point("layer.propagated")
     if notes:
         result = {
             n: (qw, dataclasses.replace(log, transform=notes.get(n) or None))

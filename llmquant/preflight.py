@@ -11,16 +11,20 @@ Memory estimate (bytes; ``P`` parameters, ``e`` bytes per stored element, comput
 - resident model: the tensors outside the decoder layers (embeddings, lm_head) in the stored dtype, plus
   the packed codes of every quantized layer so far (bits/8 per weight + scales/zeros);
 - the largest decoder layer: stored copy + compute-dtype copy;
-- activation cache: n·seqlen·hidden·4 bytes, ×2 (a layer's inputs and its outputs);
+- activation cache: n·seqlen·hidden·e bytes (e: the compute dtype's), held once (a layer's outputs
+  overwrite its inputs batch by batch); none in memory when it is offloaded to a file in OUT.partial;
 - Hessians: K²·4 bytes per linear input group of a layer (GPTQ, AWQ);
-- AWQ block caches: search_samples·seqlen·(3·hidden + intermediate)·4 bytes (captured block inputs/outputs);
-- save: the packed tensors once more, plus the whole written checkpoint read back for verification.
-The device estimate (CUDA) is the largest layer, the Hessians, the AWQ caches and one batch's activations.
+- AWQ block caches: search_samples·seqlen·(3·hidden + intermediate)·e bytes (captured block inputs/outputs);
+- one batch's forward: batch·seqlen·max(hidden, intermediate)·e·4 bytes;
+- save: the packed tensors once more, plus the kept (not quantized) tensors read back at once for the
+  verification (the packed modules are read back one at a time).
+Hessians, AWQ caches and the batch are on the compute device: host memory on the CPU, else the device
+estimate (CUDA: those plus twice the largest layer). When the estimate is over the available memory,
+``fit_memory`` adapts the plan (smaller batches, then the activation cache on disk) before refusing.
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import os
@@ -29,8 +33,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .checkpoint import (
+    DTYPE_BYTES,
+    TensorInfo,
+    read_checkpoint_index,
+    read_header,
+)
 from .errors import (
-    CheckpointError,
     InsufficientDiskError,
     InsufficientMemoryError,
     ModelConfigError,
@@ -42,14 +51,9 @@ from .errors import (
 )
 
 GiB = 2**30
-RUNTIME_BYTES = int(
-    0.6 * GiB
-)  # python + torch + transformers + tokenizers, measured on SmolLM2 (reliability.md)
-MAX_HEADER_BYTES = 100 * 2**20  # the safetensors library's own limit
-DTYPE_BYTES = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-    "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8,
-}  # fmt: skip
+# python + torch + transformers + tokenizer: 0.50-0.52 GiB measured (walk peaks less the model's terms,
+# on SmolLM2 and a 1.1B random LLaMA; docs/reliability.md)
+RUNTIME_BYTES = int(0.55 * GiB)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -104,99 +108,9 @@ def check_seqlen(seqlen: int, config: dict[str, Any], path: Path | str) -> None:
         )
 
 
-@dataclass(frozen=True)
-class TensorInfo:
-    dtype: str
-    shape: tuple[int, ...]
-    file: Path
-
-    @property
-    def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
-
-    @property
-    def nbytes(self) -> int:
-        return self.numel * DTYPE_BYTES.get(self.dtype, 4)
-
-
-def read_header(file: Path) -> dict[str, Any]:
-    """A safetensors file's JSON header, validated against the file size (CheckpointError names the file
-    and tensor when it is corrupted or the file is truncated). Cached per (file, size, mtime)."""
-    try:
-        st = Path(file).stat()
-    except FileNotFoundError as exc:
-        raise CheckpointError(f"shard {file} is missing") from exc
-    return _read_header(Path(file), st.st_size, st.st_mtime_ns)
-
-
-@functools.lru_cache(maxsize=256)
-def _read_header(file: Path, size: int, _mtime_ns: int) -> dict[str, Any]:
-    try:
-        with file.open("rb") as f:
-            head = f.read(8)
-            n = int.from_bytes(head, "little") if len(head) == 8 else -1
-            if n < 2 or n > MAX_HEADER_BYTES or 8 + n > size:
-                raise CheckpointError(f"{file} is not a safetensors file or is truncated (header length {n})")
-            raw = f.read(n)
-    except PermissionError as exc:
-        raise PathNotReadableError(f"{file} is not readable (check its permissions)") from exc
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{file}: corrupted safetensors header ({exc})") from exc
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{file}: corrupted safetensors header (not a JSON object)")
-    data_len = size - 8 - n
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        _check_entry(file, name, entry, data_len)
-    return header
-
-
-def _check_entry(file: Path, name: str, entry: Any, data_len: int) -> None:
-    ok = (
-        isinstance(entry, dict)
-        and entry.get("dtype") in DTYPE_BYTES
-        and isinstance(entry.get("shape"), list)
-        and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in entry["shape"])
-        and isinstance(entry.get("data_offsets"), list)
-        and len(entry["data_offsets"]) == 2
-        and all(isinstance(o, int) and not isinstance(o, bool) for o in entry["data_offsets"])
-    )
-    if not ok:
-        raise CheckpointError(f"{file}: tensor {name!r} has a corrupted header entry")
-    start, end = entry["data_offsets"]
-    info = TensorInfo(entry["dtype"], tuple(entry["shape"]), file)
-    if not 0 <= start <= end or end - start != info.nbytes:
-        raise CheckpointError(f"{file}: tensor {name!r} has inconsistent data offsets (corrupted header)")
-    if end > data_len:
-        raise CheckpointError(
-            f"{file} is truncated: tensor {name!r} ends at byte {end} of {data_len}; download it again"
-        )
-
-
-def checkpoint_tensors(path: str | os.PathLike[str]) -> dict[str, TensorInfo]:
-    """Every tensor of a checkpoint directory (name -> dtype, shape, file), from the headers only."""
-    from .io import read_checkpoint_index
-
-    index = read_checkpoint_index(path)
-    out: dict[str, TensorInfo] = {}
-    for file in sorted(set(index.values())):
-        for name, entry in read_header(file).items():
-            if name != "__metadata__":
-                out[name] = TensorInfo(entry["dtype"], tuple(entry["shape"]), file)
-    return out
-
-
 def content_fingerprint(path: str | os.PathLike[str]) -> str:
     """sha256 over config.json and every shard's name, size and header: changes when the weights are
     replaced (a resume must not mix two checkpoints), costs a few small reads."""
-    from .io import read_checkpoint_index
-
     path = Path(path)
     digest = hashlib.sha256((path / "config.json").read_bytes())
     for file in sorted(set(read_checkpoint_index(path).values())):
@@ -261,15 +175,37 @@ def available_memory() -> int:
     return avail
 
 
-def check_memory(estimate: int, available: int | None = None) -> None:
-    """InsufficientMemoryError when the host estimate is clearly (>10 %) over the available memory."""
-    available = available_memory() if available is None else available
-    if estimate > 1.1 * available:
-        raise InsufficientMemoryError(
-            f"estimated peak host memory {estimate / GiB:.2f} GiB is over the {available / GiB:.2f} GiB "
-            "available; lower --n-samples / --seqlen (activation cache) or --search-samples, or use a "
-            "bigger machine (llmquant quantize --dry-run prints the breakdown)"
-        )
+MMAP_THRESHOLD = 128 * 2**10
+_M_MMAP_THRESHOLD = -3  # malloc.h
+
+
+def return_freed_memory() -> bool:
+    """Make glibc serve every allocation over ``MMAP_THRESHOLD`` with its own mmap, returned to the
+    system when freed (process-wide; the CLI calls it first). glibc's default raises that threshold
+    after the first large free, so torch's many short-lived tensors (packing, per-layer temporaries)
+    come from the heap, where the long-lived ones between them keep the freed space from being given
+    back: measured on SmolLM2, packing 55 MiB of tensors grew RSS by 480 MiB (57 MiB with this), and the
+    estimate below would not hold. False where the C library is not glibc."""
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+
+
+HOST_SLACK = 1.1  # the host estimate may exceed the available memory by 10 % (it is an upper bound)
+
+
+def available_device_memory(device: str) -> int | None:
+    """Free memory of a CUDA ``device`` (None for the CPU)."""
+    if not device.startswith("cuda"):
+        return None
+    import torch
+
+    return int(torch.cuda.mem_get_info(torch.device(device))[0])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -289,7 +225,9 @@ class Plan:
     output_bytes: int
     resume_bytes: int
     host: dict[str, int]  # component -> bytes
-    device: dict[str, int]
+    device: dict[str, int]  # component -> bytes (empty when computing on the CPU)
+    batch_size: int = 8
+    offload_activations: bool = False
 
     @property
     def host_peak(self) -> int:
@@ -308,63 +246,155 @@ def make_plan(
     *,
     batch_size: int = 8,
     layers_prefix: str = "model.layers.",
+    device: str = "cpu",
+    offload_activations: bool = False,
 ) -> Plan:
     """Estimate output size and peak memory of quantizing the checkpoint described by ``config`` and
-    ``tensors`` with ``method`` (a MethodConfig) on ``calibration`` (a CalibrationConfig or None)."""
-    from .methods import rounder_config
-
+    ``tensors`` with ``method`` (a MethodConfig) on ``calibration`` (a CalibrationConfig or None),
+    computing on ``device`` in batches of ``batch_size``, the activation cache in memory or
+    (``offload_activations``) in a file mapped from the resume directory."""
     hidden, inter, n_layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
-    scheme = method.scheme
+    shapes = _shapes(tensors, layers_prefix)
+    q_params = sum(shape[0] * shape[1] for shape in shapes["linears"])
+    other_bytes = sum(t.nbytes for n, t in tensors.items() if not n.endswith("proj.weight"))
+    group = method.scheme.group_size or max((s[1] for s in shapes["linears"]), default=1)
+    bits = method.scheme.bits
+    packed = int(q_params * bits / 8 + q_params / group * (2 + bits / 8) * 1.05)
+    output = packed + other_bytes
+    largest = max(shapes["layers"].values(), default=0)
+    calibrated = method.method != "rtn" and calibration is not None
+    n, seqlen = (calibration.n_samples, calibration.seqlen) if calibrated else (0, 0)
+    on_cpu = not device.startswith("cuda")
+    elt = 4 if on_cpu else _elt(tensors)  # the compute dtype: float32 on the CPU, else the stored one
+    acts = n * seqlen * hidden * elt
+    work = _working_memory(method, calibrated, hidden, inter, n, seqlen, min(batch_size, n), elt)
+    outside = sum(t.nbytes for n_, t in tensors.items() if not n_.startswith(layers_prefix))
+    host = {
+        "runtime": RUNTIME_BYTES,
+        "outside layers (stored dtype)": outside,
+        "largest layer (stored + float32)": largest + largest * 4 // max(_elt(tensors), 1),
+        "quantized layers (packed)": packed,
+        "activation cache": 0 if offload_activations else acts,
+        **(work if on_cpu else {}),
+        "save (packed tensors + kept tensors read back)": packed + other_bytes,
+    }
+    device_terms = {} if on_cpu else {"largest layer": largest * 2, **work}
+    resume = int(q_params * 1.1) + acts * (2 if offload_activations else 1)  # codes + scales, activations
+    return Plan(
+        n_layers, hidden, inter, q_params, sum(t.numel for t in tensors.values()) - q_params,
+        sum(t.nbytes for t in tensors.values()), largest, output, resume, host, device_terms,
+        batch_size, offload_activations,
+    )  # fmt: skip
+
+
+def _shapes(tensors: dict[str, TensorInfo], layers_prefix: str) -> dict[str, Any]:
+    """Bytes per decoder layer (index -> bytes) and the shapes of the decoder linears' weights."""
     per_layer: dict[int, int] = {}
-    linear_shapes: list[tuple[int, ...]] = []
-    q_params = other = 0
+    linears: list[tuple[int, ...]] = []
     for name, info in tensors.items():
         if name.startswith(layers_prefix):
             i = int(name[len(layers_prefix) :].split(".")[0])
             per_layer[i] = per_layer.get(i, 0) + info.nbytes
-        if name.startswith(layers_prefix) and name.endswith("proj.weight") and len(info.shape) == 2:
-            q_params += info.numel
-            linear_shapes.append(info.shape)
-        else:
-            other += info.numel
-    other_bytes = sum(t.nbytes for n, t in tensors.items() if not n.endswith("proj.weight"))
-    group = scheme.group_size or max((s[1] for s in linear_shapes), default=1)
-    packed = int(q_params * scheme.bits / 8 + q_params / group * (2 + scheme.bits / 8) * 1.05)
-    output = packed + other_bytes
-    largest = max(per_layer.values(), default=0)
-    calibrated = method.method != "rtn" and calibration is not None
-    n, seqlen = (calibration.n_samples, calibration.seqlen) if calibrated else (0, 0)
-    acts = n * seqlen * hidden * 4
-    resume = int(q_params * 1.1) + acts  # codes as uint8 + scales, and the activation cache
+            if name.endswith("proj.weight") and len(info.shape) == 2:
+                linears.append(info.shape)
+    return {"layers": per_layer, "linears": linears}
+
+
+def _working_memory(
+    method: Any, calibrated: bool, hidden: int, inter: int, n: int, seqlen: int, batch: int, elt: int
+) -> dict[str, int]:
+    """What a calibrated layer step holds where it computes: the Hessians (K^2 * 4 bytes per linear input
+    group; GPTQ, AWQ), AWQ's captured block inputs/outputs, and one batch's forward (the MLP's
+    intermediate activations dominate)."""
+    from .methods import rounder_config
+
+    if not calibrated:
+        return {}
     k_groups = (hidden, hidden, hidden, inter)  # q/k/v, o, gate/up, down inputs (o: heads*head_dim ~ hidden)
     uses_hessians = isinstance(rounder_config(method), _gptq_type()) or method.method.startswith("awq")
-    hessians = sum(k * k * 4 for k in k_groups) if calibrated and uses_hessians else 0
-    awq_cache = 0
-    if method.method.startswith("awq") and calibrated:
-        awq_cache = min(method.search_samples, n) * seqlen * (3 * hidden + inter) * 4
-    host = {
-        "runtime": RUNTIME_BYTES,
-        "outside layers (stored dtype)": sum(
-            t.nbytes for n, t in tensors.items() if not n.startswith(layers_prefix)
-        ),
-        "largest layer (stored + float32)": largest + largest * 4 // max(_elt(tensors), 1),
-        "quantized layers (packed)": packed,
-        "activation cache (x2)": 2 * acts,
-        "Hessians": hessians,
-        "AWQ block caches": awq_cache,
-        "save (packed tensors + the checkpoint read back)": packed + output,
+    awq = method.method.startswith("awq")
+    return {
+        "Hessians": sum(k * k * 4 for k in k_groups) if uses_hessians else 0,
+        "AWQ block caches": min(method.search_samples, n) * seqlen * (3 * hidden + inter) * elt if awq else 0,
+        f"one batch of {batch} forward": batch * seqlen * max(hidden, inter) * elt * 4,
     }
-    batch = min(batch_size, n) * seqlen * max(hidden, inter) * 4 * 4 if calibrated else 0
-    device = {
-        "largest layer": largest * 2,
-        "Hessians": hessians,
-        "AWQ block caches": awq_cache,
-        "batch": batch,
-    }
-    return Plan(
-        n_layers, hidden, inter, q_params, other, sum(t.nbytes for t in tensors.values()), largest,
-        output, resume, host, device,
-    )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class MemoryFit:
+    """The plan that will run: the one asked for, or the first adaptation whose estimate fits."""
+
+    plan: Plan
+    changes: tuple[str, ...]  # what was adapted, e.g. "batch size 8 -> 2"
+    host_available: int
+    device_available: int | None
+
+    @property
+    def fits(self) -> bool:
+        host_ok = self.plan.host_peak <= HOST_SLACK * self.host_available
+        return host_ok and (self.device_available is None or self.plan.device_peak <= self.device_available)
+
+    def note(self, asked: Plan) -> str:
+        """One line: what did not fit, what was changed, the estimate now."""
+        over = [
+            f"peak {where} memory {peak / GiB:.2f} GiB over the {avail / GiB:.2f} GiB available"
+            for where, peak, avail, slack in (
+                ("host", asked.host_peak, self.host_available, HOST_SLACK),
+                ("device", asked.device_peak, self.device_available, 1.0),
+            )
+            if avail is not None and peak > slack * avail
+        ]
+        now = f"host {self.plan.host_peak / GiB:.2f} GiB"
+        if self.device_available is not None:
+            now += f", device {self.plan.device_peak / GiB:.2f} GiB"
+        return f"estimated {' and '.join(over)}: adapting ({', '.join(self.changes)}); estimate now {now}"
+
+    def refuse(self) -> None:
+        """InsufficientMemoryError with the numbers, when even the last adaptation does not fit."""
+        if self.fits:
+            return
+        tried = f" even with {', '.join(self.changes)}" if self.changes else ""
+        where, peak, avail = ("host", self.plan.host_peak, self.host_available)
+        if self.plan.host_peak <= HOST_SLACK * self.host_available:
+            where, peak, avail = ("device", self.plan.device_peak, self.device_available or 0)
+        raise InsufficientMemoryError(
+            f"estimated peak {where} memory {peak / GiB:.2f} GiB is over the {avail / GiB:.2f} GiB "
+            f"available{tried}; lower --n-samples / --seqlen (activation cache) or --search-samples, or "
+            "use a bigger machine (llmquant quantize --dry-run prints the breakdown)"
+        )
+
+
+def fit_memory(
+    build: Any,
+    batch_sizes: list[int],
+    host_available: int,
+    device_available: int | None,
+    *,
+    can_offload: bool,
+) -> MemoryFit:
+    """The first plan ``build(batch_size, offload_activations)`` whose estimate fits: as asked
+    (``batch_sizes[0]``, in memory), then each smaller batch size, then the activation cache on disk
+    with each batch size. Nothing fits: the last one tried (``MemoryFit.refuse`` raises)."""
+    asked = batch_sizes[0]
+    fit = None
+    for offload in (False, True) if can_offload else (False,):
+        for batch in batch_sizes:
+            changes = [f"batch size {asked} -> {batch}"] if batch != asked else []
+            if offload:
+                changes.append("activation cache on disk in OUT.partial")
+            fit = MemoryFit(build(batch, offload), tuple(changes), host_available, device_available)
+            if fit.fits:
+                return fit
+    assert fit is not None
+    return fit
+
+
+def halvings(batch_size: int) -> list[int]:
+    """``batch_size``, then halved down to 1: 8 -> [8, 4, 2, 1]."""
+    out = [batch_size]
+    while out[-1] > 1:
+        out.append(out[-1] // 2)
+    return out
 
 
 def _gptq_type() -> type:

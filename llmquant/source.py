@@ -79,20 +79,19 @@ class StreamedModel(ModelSource):
         with init_empty_weights(include_buffers=False):
             self.model = AutoModelForCausalLM.from_config(config, dtype=self.dtype)
         self.model.eval()
-        from .io import read_checkpoint_index
+        from .checkpoint import Checkpoint
 
-        self.index = read_checkpoint_index(self.path)
+        self.checkpoint = Checkpoint(self.path)
+        self.index = self.checkpoint.index
         self.description = str(self.path)
         self.content = content_fingerprint(self.path)
         self._load_outside_layers()
 
     def _load_outside_layers(self) -> None:
-        from .io import load_tensors
-
         prefix = self.arch.layers + "."
         names = [n for n in self.index if not n.startswith(prefix)]
         params = dict(self.model.named_parameters())
-        for name, tensor in load_tensors(self.path, names).items():
+        for name, tensor in self.checkpoint.read(names).items():
             check_finite(name, tensor, self.index[name])
             if name in params:
                 set_module_tensor_to_device(self.model, name, "cpu", value=tensor.to(self.dtype).clone())
@@ -104,10 +103,8 @@ class StreamedModel(ModelSource):
 
     def load_layer(self, index: int) -> nn.Module:
         layer = self.layers[index]
-        from .io import load_tensors
-
         prefix = f"{self.arch.layers}.{index}."
-        tensors = load_tensors(self.path, [n for n in self.index if n.startswith(prefix)])
+        tensors = self.checkpoint.read([n for n in self.index if n.startswith(prefix)])
         for name, tensor in tensors.items():
             check_finite(name, tensor, self.index[name])
         # clone: safetensors hands out views of its mmap; a kept view (a norm weight) would pin the
@@ -124,7 +121,8 @@ class StreamedModel(ModelSource):
         """The complete float model, loaded for as long as the caller needs it (synthetic calibration
         samples text from it): float32 on the CPU, refused in one line when it does not fit in memory."""
         from .calibration import CalibrationError
-        from .preflight import GiB, available_memory, checkpoint_tensors
+        from .checkpoint import checkpoint_tensors
+        from .preflight import GiB, available_memory
 
         needed = sum(t.numel for t in checkpoint_tensors(self.path).values()) * 4
         available = available_memory()

@@ -33,7 +33,7 @@ from .awq import (
 )
 from .config import AWQConfig
 from .gptq import accumulate_hessian, hessian_init
-from .methods import Call, LayerContext, TransformNotes, register_transform
+from .layer import Call, LayerContext, TransformNotes
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +89,6 @@ def _masked_mse(outs: list[torch.Tensor], calls: list[Call]) -> float:
     return total / max(count, 1)
 
 
-@register_transform(AWQConfig)
 class AWQTransform:
     needs_calibration = True
 

@@ -17,7 +17,7 @@ Two parts, both written to ``--out``:
 Timing: ``triton.testing.do_bench`` (median; L2 flushed before each call) of one call replayed from a
 CUDA graph, so the numbers are GPU time without Python launch overhead, for ours and fp16 alike.
 ``--tune`` writes the autotuned configs to
-``tuned_<gpu>.json`` (load them later with ``--load-tuned`` or ``llmquant.kernels.configs.load_tuned``).
+``tuned_<gpu>.json`` (load them later with ``--load-tuned`` or ``llmquant.kernels.tuning.load_tuned``).
 
 ``--dry-run`` runs every code path on the CPU with tiny shapes, the Triton interpreter and a
 ``time.perf_counter`` timer (numbers meaningless); the unit tests use it. Without ``--dry-run`` and
@@ -187,9 +187,11 @@ def _check(y, x, w) -> float:  # noqa: ANN001
 
 def bench_layers(b: Bench, args: argparse.Namespace, copy_gbps: float) -> list[Row]:
     """Part 1: one row per (shape, M)."""
-    from llmquant.kernels import dequant, gemm, gemv, quant_matmul
-    from llmquant.kernels.configs import DEQUANT_MATMUL_MIN_M, GEMV_MAX_M
-    from llmquant.kernels.gemv import GEMV_MAX_BLOCK_M
+    from llmquant.kernels import quant_matmul
+    from llmquant.kernels.dequant import dequant
+    from llmquant.kernels.dispatch import DEQUANT_MATMUL_MIN_M, GEMV_MAX_M
+    from llmquant.kernels.gemm import gemm
+    from llmquant.kernels.gemv import GEMV_MAX_BLOCK_M, gemv
 
     torch = b.torch
     shapes = _parse_shapes(args.shapes) or (DRY_SHAPES if args.dry_run else LLAMA_SHAPES)
@@ -256,7 +258,8 @@ class DecodeRow:
 
 def bench_decode(b: Bench, args: argparse.Namespace) -> list[DecodeRow]:
     """Part 2: one decode step of a LLaMA-shaped stack of linears (attention and norms omitted)."""
-    from llmquant.kernels import dequant, quant_matmul
+    from llmquant.kernels import quant_matmul
+    from llmquant.kernels.dequant import dequant
 
     torch = b.torch
     dims = DRY_DECODE if args.dry_run else LLAMA_7B
@@ -453,10 +456,10 @@ def main(argv: list[str] | None = None) -> int:
     b = Bench(args.dry_run, args.reps)
     if args.l2_flush == "read":
         b.use_read_flush()
-    from llmquant.kernels import configs
+    from llmquant.kernels import tuning
 
     if args.load_tuned is not None:
-        print(f"loaded {configs.load_tuned(args.load_tuned)} tuned configs from {args.load_tuned}")
+        print(f"loaded {tuning.load_tuned(args.load_tuned)} tuned configs from {args.load_tuned}")
     device = "cpu (dry run, Triton interpreter)" if args.dry_run else torch.cuda.get_device_name()
     copy_gbps = b.copy_bandwidth_gbps()
     print(f"{device}: device copy bandwidth {copy_gbps:.0f} GB/s", flush=True)
@@ -478,7 +481,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.tune:
         name = "".join(c if c.isalnum() else "_" for c in device.lower())
         path = args.out / f"tuned_{name}.json"
-        configs.dump_tuned(path, device_name=device)
+        tuning.dump_tuned(path, device_name=device)
         written.append(path)
     print("wrote " + ", ".join(str(p) for p in written))
     return 0

@@ -374,7 +374,7 @@ def memoize_dequantized(model: torch.nn.Module) -> None:
             continue
         k = module.in_features
         w = dequantize_ref(
-            module.qweight, module.scales, module.zeros, module.bits, module.kernel_group_size, k
+            module.qweight, module.scales, module.zeros, module.bits, module.effective_group_size, k
         )  # float32 [K, N]
 
         rounded: dict[torch.dtype, torch.Tensor] = {}  # W rounded to each activation dtype, as float32

@@ -50,11 +50,11 @@ def main(argv: list[str] | None = None) -> int:
     if not args.dry_run and not torch.cuda.is_available():
         print("profile_kernels: no CUDA GPU found (--dry-run runs a CPU smoke test)", file=sys.stderr)
         return 2
-    from llmquant.kernels import configs, quant_matmul
+    from llmquant.kernels import quant_matmul, tuning
     from llmquant.kernels.layout import kernel_rows
 
     if args.load_tuned is not None:
-        configs.load_tuned(args.load_tuned)
+        tuning.load_tuned(args.load_tuned)
     device = "cpu" if args.dry_run else "cuda"
     dtype = torch.float32 if args.dry_run else torch.float16
     backend = "triton" if args.dry_run else "auto"

@@ -74,7 +74,9 @@ def _programs(cfg: dict, m: int, n: int) -> int:
 
 def sweep_point(b: Bench, writer, k: int, n: int, m: int, ops: list[str], budget_s: float, sms: int) -> None:  # noqa: ANN001
     import triton
-    from llmquant.kernels import dequant, gemm, gemv
+    from llmquant.kernels.dequant import dequant
+    from llmquant.kernels.gemm import gemm
+    from llmquant.kernels.gemv import gemv
 
     torch = b.torch
     lay = b.random_layout(k, n, 4, 128)

@@ -15,7 +15,9 @@ from torch import nn
 
 from llmquant.evaluate import (
     EvalResult,
+    WindowScore,
     evaluate,
+    evaluate_models,
     kl_sum,
     nll_sum,
     perplexity_from_logits,
@@ -174,6 +176,100 @@ def test_tokenize_corpus_whole_file_without_special_tokens_or_warning(
     assert "longer than the specified maximum" not in caplog.text
     tokenizer(path.read_text(encoding="utf-8"))  # control: the plain call does warn
     assert "longer than the specified maximum" in caplog.text
+
+
+# ---------------------------------------------------------------------------------------------------
+# evaluate_models(): several models, one base, streamed and resumable
+# ---------------------------------------------------------------------------------------------------
+
+
+class CountingModel(nn.Module):
+    """Wraps a model and counts its forward passes."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner, self.calls = inner, 0
+
+    def forward(self, **kwargs):  # noqa: ANN003, ANN201
+        self.calls += 1
+        return self.inner(**kwargs)
+
+
+def _perturbed(model: nn.Module, scale: float, seed: int) -> nn.Module:
+    out = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in out.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g))
+    return out
+
+
+def _reference_sums(model: nn.Module, base: nn.Module, ids: torch.Tensor, seqlen: int, windows: int):
+    """The evaluation loop as it was before evaluate_models: per window nll_sum of the model's logits
+    and kl_sum(base logits, logits) (log-softmax of the base recomputed per call), summed in order."""
+    nll = kl = 0.0
+    with torch.inference_mode():
+        for window in ids[: windows * seqlen].view(windows, seqlen):
+            logits = model(input_ids=window[None], use_cache=False).logits[0, :-1]
+            nll += nll_sum(logits, window[1:])
+            kl += kl_sum(base(input_ids=window[None], use_cache=False).logits[0, :-1], logits)
+    n = windows * (seqlen - 1)
+    return math.exp(nll / n), kl / n
+
+
+def test_evaluate_models_bitwise_equals_evaluate_per_model(tiny_llama: nn.Module) -> None:
+    ids = torch.randint(0, tiny_llama.config.vocab_size, (3 * 40 + 7,))
+    others = {"a": _perturbed(tiny_llama, 0.02, 1), "b": _perturbed(tiny_llama, 0.05, 2)}
+    base = CountingModel(tiny_llama)
+    results = evaluate_models({"float": base, **others}, ids, seqlen=40, base_model=base, progress=False)
+    assert list(results) == ["float", "a", "b"]
+    assert base.calls == 3  # the base ran once per window, although it is also scored
+    for name, model in others.items():
+        single = evaluate(model, ids, seqlen=40, base_model=tiny_llama, progress=False)
+        got = results[name]
+        assert (got.perplexity, got.kl_divergence) == (single.perplexity, single.kl_divergence)
+        assert (got.perplexity, got.kl_divergence) == _reference_sums(model, tiny_llama, ids, 40, 3)
+        assert got == single and got.n_windows == 3 and len(got.per_window) == 3
+        assert [(s.model, s.window) for s in got.per_window] == [(name, 0), (name, 1), (name, 2)]
+    plain = evaluate(tiny_llama, ids, seqlen=40, progress=False)
+    assert results["float"].perplexity == plain.perplexity and results["float"].kl_divergence == 0.0
+    assert all(s.kl == 0.0 for s in results["float"].per_window)
+    assert results["a"].kl_divergence < results["b"].kl_divergence
+
+
+def test_evaluate_models_streams_and_resumes(tiny_llama: nn.Module) -> None:
+    ids = torch.randint(0, tiny_llama.config.vocab_size, (3 * 32,))
+    base, other = CountingModel(tiny_llama), CountingModel(_perturbed(tiny_llama, 0.05, 3))
+    models = {"float": base, "q": other}
+    streamed: list[WindowScore] = []
+    full = evaluate_models(models, ids, seqlen=32, base_model=base, on_window=streamed.append, progress=False)
+    assert [(s.model, s.window) for s in streamed] == [(m, w) for w in range(3) for m in ("float", "q")]
+    assert all(s.seconds >= 0 for s in streamed)
+
+    # resume: window 0 fully done, window 1 done for "q" only, window 2 not done
+    done = {(s.model, s.window): s for s in streamed if s.window == 0 or (s.window, s.model) == (1, "q")}
+    base.calls = other.calls = 0
+    again: list[WindowScore] = []
+    resumed = evaluate_models(
+        models, ids, seqlen=32, base_model=base, done=done, on_window=again.append, progress=False
+    )
+    assert [(s.model, s.window) for s in again] == [("float", 1), ("float", 2), ("q", 2)]
+    assert (base.calls, other.calls) == (2, 1)  # window 0 skipped entirely; "q" ran on window 2 only
+    for name in models:
+        assert resumed[name] == full[name]
+        scores = [[(s.model, s.window, s.nll, s.kl) for s in r[name].per_window] for r in (resumed, full)]
+        assert scores[0] == scores[1]
+
+
+def test_evaluate_models_without_base_and_errors(tiny_llama: nn.Module) -> None:
+    ids = torch.randint(0, tiny_llama.config.vocab_size, (64,))
+    results = evaluate_models({"m": tiny_llama}, ids, seqlen=32, progress=False)
+    assert results["m"] == evaluate(tiny_llama, ids, seqlen=32, progress=False)
+    assert results["m"].kl_divergence is None and results["m"].per_window[0].kl is None
+    with pytest.raises(ValueError, match="at least one model"):
+        evaluate_models({}, ids, seqlen=32, progress=False)
+    with pytest.raises(ValueError, match="fewer than one window"):
+        evaluate_models({"m": tiny_llama}, ids, seqlen=128, progress=False)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import torch
 
 from llmquant.config import GPTQConfig, QuantScheme
 from llmquant.gptq import accumulate_hessian, gptq_quantize, hessian_init, hessian_weighted_error
-from llmquant.grid import compute_qparams, dequantize_codes, group_qparams, quantize_codes, quantize_weight
+from llmquant.grid import compute_qparams, dequantize_codes, group_qparams, quantize_weight, round_to_grid
 from llmquant.qtensor import trivial_g_idx
 
 
@@ -41,7 +41,7 @@ def naive_gptq(W, H, scheme, damp, act_order):
     for j in range(k):
         if j % gs == 0:
             scale, zero = group_qparams(W[:, j : j + gs], scheme.bits, scheme.sym)
-        codes[:, j] = quantize_codes(W[:, j], scale[:, 0], zero[:, 0], scheme.bits)
+        codes[:, j] = round_to_grid(W[:, j], scale[:, 0], zero[:, 0], scheme.bits)
         Q[:, j] = dequantize_codes(codes[:, j], scale[:, 0], zero[:, 0]).double()
         W[:, j:] -= torch.outer((W[:, j] - Q[:, j]) / U[j, j], U[j, j:])
     inv = torch.argsort(perm)

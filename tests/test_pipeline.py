@@ -119,7 +119,9 @@ def test_padding_never_enters_statistics(make_tiny_llama) -> None:
 def test_modules_log_has_losses_and_damp(make_tiny_llama) -> None:
     result = pipeline.quantize(make_tiny_llama(), GPTQConfig(SCHEME), _blocks(), progress=False)
     assert len(result.logs) == 14
-    assert all(log.loss is not None and log.loss >= 0 and log.damp >= 0.01 for log in result.logs)
+    assert all(
+        log.hessian_error is not None and log.hessian_error >= 0 and log.damp >= 0.01 for log in result.logs
+    )
     assert all(log.tokens == 6 * 32 for log in result.logs)
 
 

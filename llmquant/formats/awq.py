@@ -20,8 +20,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from .. import bitpack
 from ..config import QuantScheme
+from ..kernels import bitpack
 from ..qtensor import QuantizedWeight
 from .base import (
     CheckpointFormat,
@@ -35,7 +35,6 @@ from .base import (
 logger = logging.getLogger(__name__)
 
 AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]  # nibble i holds column order[i] of its 8-column chunk
-AWQ_REVERSE_ORDER = [0, 4, 1, 5, 2, 6, 3, 7]
 PACK_FACTOR = 8
 
 
@@ -83,6 +82,10 @@ class AWQGemm(CheckpointFormat):
             "qzeros": bitpack.pack(qw.zeros.t(), 4, dim=1, order=AWQ_ORDER),  # [N, G] -> [G, N/8]
             "scales": qw.scales.t().contiguous(),  # [N, G] -> [G, N]
         }
+
+    def stored_shape(self, tensors: dict[str, torch.Tensor], scheme: QuantScheme) -> tuple[int, int]:
+        """N from ``scales`` [G, N], K from ``qweight`` [K, N/8]."""
+        return tensors["scales"].shape[1], tensors["qweight"].shape[0]
 
     def unpack(
         self, tensors: dict[str, torch.Tensor], scheme: QuantScheme, out_features: int, in_features: int

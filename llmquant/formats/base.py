@@ -103,6 +103,11 @@ class CheckpointFormat(abc.ABC):
     ) -> QuantizedWeight:
         """Inverse of ``pack`` (also reads the same format written by other tools)."""
 
+    @abc.abstractmethod
+    def stored_shape(self, tensors: dict[str, torch.Tensor], scheme: QuantScheme) -> tuple[int, int]:
+        """(out_features, in_features) of one linear, read from its stored tensors alone (KeyError or
+        IndexError when a tensor it needs is missing or misshapen)."""
+
     # -- config -----------------------------------------------------------------------------------
     @abc.abstractmethod
     def quantization_config(

@@ -34,8 +34,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from .. import bitpack
 from ..config import QuantScheme
+from ..kernels import bitpack
 from ..qtensor import QuantizedWeight
 from .base import (
     CheckpointFormat,
@@ -44,6 +44,7 @@ from .base import (
     read_g_idx,
     register_format,
     scheme_from_fields,
+    stores_permutation,
 )
 
 logger = logging.getLogger(__name__)
@@ -113,6 +114,17 @@ class CompressedTensorsPacked(CheckpointFormat):
         if act_order and scheme.group_size is not None:
             out["weight_g_idx"] = qw.group_index().to(torch.int32).contiguous()
         return out
+
+    def stored_shape(self, tensors: dict[str, torch.Tensor], scheme: QuantScheme) -> tuple[int, int]:
+        """``weight_shape`` [2] when stored; else N from ``weight_packed`` [N, K*bits/32] and K from
+        ``weight_g_idx`` [K] or the packed width."""
+        if "weight_shape" in tensors:
+            n, k = (int(v) for v in tensors["weight_shape"].tolist())
+            return n, k
+        n = tensors["weight_packed"].shape[0]
+        if "weight_g_idx" in tensors:
+            return n, tensors["weight_g_idx"].shape[0]
+        return n, tensors["weight_packed"].shape[1] * 32 // scheme.bits
 
     def unpack(
         self, tensors: dict[str, torch.Tensor], scheme: QuantScheme, out_features: int, in_features: int
@@ -264,7 +276,7 @@ def _actorder(scheme: QuantScheme, act_order: bool, static_groups: bool) -> str 
     """CT ``actorder`` for our options (CT allows "group" only with the group strategy)."""
     if not act_order or scheme.group_size is None:
         return None
-    return "weight" if static_groups else "group"
+    return "group" if stores_permutation(act_order, static_groups) else "weight"
 
 
 def _normalize_actorder(value: Any) -> str | None:

@@ -21,8 +21,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from .. import bitpack
 from ..config import QuantScheme
+from ..kernels import bitpack
 from ..qtensor import QuantizedWeight
 from .base import (
     CheckpointFormat,
@@ -32,6 +32,7 @@ from .base import (
     read_g_idx,
     register_format,
     scheme_from_fields,
+    stores_permutation,
 )
 
 logger = logging.getLogger(__name__)
@@ -111,6 +112,13 @@ class _GPTQ(CheckpointFormat):
             "g_idx": qw.group_index().to(torch.int32).contiguous(),
         }
 
+    def stored_shape(self, tensors: dict[str, torch.Tensor], scheme: QuantScheme) -> tuple[int, int]:
+        """N from ``scales`` [G, N]; K from ``g_idx`` [K], else from ``qweight``'s rows (K*bits/32)."""
+        n = tensors["scales"].shape[1]
+        if "g_idx" in tensors:
+            return n, tensors["g_idx"].shape[0]
+        return n, tensors["qweight"].shape[0] * 32 // scheme.bits
+
     def unpack(
         self, tensors: dict[str, torch.Tensor], scheme: QuantScheme, out_features: int, in_features: int
     ) -> QuantizedWeight:
@@ -169,7 +177,7 @@ class _GPTQ(CheckpointFormat):
             "quant_method": "gptq",
             "bits": scheme.bits,
             "group_size": group_size_to_config(scheme),
-            "desc_act": bool(act_order and not static_groups),
+            "desc_act": stores_permutation(act_order, static_groups),
             "static_groups": bool(static_groups),
             "sym": scheme.sym,
             "true_sequential": true_sequential,

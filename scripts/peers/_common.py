@@ -2,8 +2,8 @@
 
 Each peer script: loads the float checkpoint, notes its RSS, times the library's quantization step alone
 (model load and saving excluded, as for llmquant's runs), notes the peak RSS (``ru_maxrss``), saves the
-checkpoint in the library's own format and writes a JSON result with the same keys as
-``bench_quality.py``'s child (``quant_seconds``, ``peak_rss_bytes``, ``checkpoint`` ...).
+checkpoint in the library's own format and writes a JSON result with the same keys as the child of
+``bench_quality.py`` (``benchlib/runs.py``: ``quant_seconds``, ``peak_rss_bytes``, ``checkpoint`` ...).
 """
 
 from __future__ import annotations

@@ -28,9 +28,10 @@ import pytest
 import torch
 from torch import nn
 
+from llmquant.checkpoint import read_checkpoint_index
 from llmquant.config import QuantScheme
 from llmquant.formats import get_format
-from llmquant.io import read_checkpoint_index, save_quantized
+from llmquant.save import write_quantized
 
 from .helpers import random_qw, schema_of
 
@@ -159,7 +160,7 @@ def test_full_tensor_names_in_a_saved_checkpoint(tiny_llama: nn.Module, tmp_path
         for name, m in tiny_llama.named_modules()
         if isinstance(m, nn.Linear) and name != "lm_head"
     }
-    out = save_quantized(tiny_llama, linears, tmp_path / "q", format=fmt_name, scheme=scheme, method="rtn")
+    out = write_quantized(tiny_llama, linears, tmp_path / "q", format=fmt_name, scheme=scheme, method="rtn")
     index = read_checkpoint_index(out)
     suffixes = set(get_format(fmt_name).tensor_schema(64, 64, scheme, act_order=False))
     for prefix in ("model.layers.0.self_attn.k_proj", "model.layers.1.mlp.down_proj"):

@@ -29,7 +29,7 @@ def make_layout(
     device: str = "cpu",
 ) -> dict[str, torch.Tensor | None]:
     """Kernel layout of an RTN-quantized random W [n, k]; act_order permutes g_idx randomly."""
-    from llmquant.kernels import to_kernel_layout
+    from llmquant.nn import to_kernel_layout
 
     gen = torch.Generator().manual_seed(seed)
     w = torch.randn(n, k, generator=gen)

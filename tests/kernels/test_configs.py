@@ -5,7 +5,6 @@ from __future__ import annotations
 import llmquant.kernels.configs as configs
 import pytest
 import triton
-from llmquant.kernels.gemv import _gemv_kernel_tuned
 
 
 @pytest.fixture
@@ -80,24 +79,6 @@ def test_tune_off_keeps_one_config(gpu_lists: None, monkeypatch: pytest.MonkeyPa
     monkeypatch.setenv(configs.TUNE_ENV, "off")
     assert configs.prune_gemm(configs.gemm_configs(), *args, GROUP_SIZE=128, BITS=4) == tuned[:1]
     assert len(tuned) > 1
-
-
-def test_dump_and_load_tuned(tmp_path) -> None:  # noqa: ANN001
-    key = (4096, 4096, 1, 4, 128, "torch.float16", "torch.int32")
-    cfg = triton.Config({"BLOCK_N": 128, "BLOCK_K": 128, "SPLIT_K": 4}, num_warps=4, num_stages=2)
-    saved = dict(_gemv_kernel_tuned.cache)
-    try:
-        _gemv_kernel_tuned.cache.clear()
-        _gemv_kernel_tuned.cache[key] = cfg
-        path = tmp_path / "h100.json"
-        configs.dump_tuned(path, device_name="test")
-        _gemv_kernel_tuned.cache.clear()
-        assert configs.load_tuned(path) == 1
-        got = _gemv_kernel_tuned.cache[key]
-        assert (got.kwargs, got.num_warps, got.num_stages) == (cfg.kwargs, 4, 2)
-    finally:
-        _gemv_kernel_tuned.cache.clear()
-        _gemv_kernel_tuned.cache.update(saved)
 
 
 def test_autotune_options_persist_results_unless_disabled(monkeypatch: pytest.MonkeyPatch) -> None:

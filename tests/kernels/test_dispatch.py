@@ -7,7 +7,7 @@ import pytest
 import torch
 from kernel_helpers import TOLERANCES, make_layout
 from llmquant.kernels import concat_layouts, quant_matmul, quant_matmul_ref
-from llmquant.kernels.configs import DEQUANT_MATMUL_MIN_M, GEMV_MAX_M
+from llmquant.kernels.dispatch import DEQUANT_MATMUL_MIN_M, GEMV_MAX_M
 
 
 def _operands(lay: dict) -> tuple:
@@ -35,8 +35,9 @@ def test_routing(rows: int, backend: str, expect: str, monkeypatch: pytest.Monke
 
         return fn
 
-    for name in ("gemv", "gemm", "quant_matmul_ref"):
-        monkeypatch.setattr(dispatch, name, spy(name.replace("quant_matmul_ref", "reference")))
+    # the launchers are imported on first Triton use (dispatch._triton_ops): spy on what it hands out
+    monkeypatch.setattr(dispatch, "_triton_ops", lambda: (spy("dequant-kernel"), spy("gemm"), spy("gemv")))
+    monkeypatch.setattr(dispatch, "quant_matmul_ref", spy("reference"))
     monkeypatch.setattr(dispatch, "_dequant_matmul", spy("dequant"))
     lay = make_layout(8, 32, 4, 32, sym=True)
     quant_matmul(torch.zeros(rows, 32), *_operands(lay), 4, 32, backend=backend)

@@ -8,8 +8,11 @@ from __future__ import annotations
 import pytest
 import torch
 from kernel_helpers import assert_matmul_accuracy, make_layout
-from llmquant.kernels import dequant, dequant_ref, gemm, gemv, quant_matmul, quant_matmul_ref
+from llmquant.kernels import quant_matmul, quant_matmul_ref
 from llmquant.kernels.configs import TUNE_ENV
+from llmquant.kernels.dequant import dequant, dequant_ref
+from llmquant.kernels.gemm import gemm
+from llmquant.kernels.gemv import gemv
 
 pytestmark = [
     pytest.mark.gpu,

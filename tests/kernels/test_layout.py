@@ -10,10 +10,10 @@ from llmquant.kernels.layout import (
     kernel_rows,
     pack_codes,
     quant_matmul_ref,
-    to_kernel_layout,
     unpack_codes,
 )
 
+from llmquant.nn import to_kernel_layout
 from llmquant.qtensor import QuantizedWeight, trivial_g_idx
 
 

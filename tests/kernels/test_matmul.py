@@ -6,7 +6,9 @@ import pytest
 import torch
 import triton
 from kernel_helpers import assert_matmul_accuracy, make_layout
-from llmquant.kernels import gemm, gemv, quant_matmul
+from llmquant.kernels import quant_matmul
+from llmquant.kernels.gemm import gemm
+from llmquant.kernels.gemv import gemv
 
 # (M, N, K, group_size, bits, sym, act_order, bias): every M in {1, 3, 16, 33}, N in {8, 24, 72}, each
 # K kind (64, 96 = ragged BLOCK_K tail, 576/g128 = ragged last group, 160/g32 = BLOCK_K > group),
@@ -174,8 +176,8 @@ def test_every_launch_requests_fp_fusion(tuned: bool, monkeypatch: pytest.Monkey
     decodes rely on and Triton 3.10 turns off by default) to the kernel, tuned or with a pinned config."""
     import importlib
 
-    from llmquant.kernels import dequant
     from llmquant.kernels.configs import COMPILE_OPTIONS
+    from llmquant.kernels.dequant import dequant
 
     assert COMPILE_OPTIONS == {"enable_fp_fusion": True}
     lay = make_layout(24, 64, 4, 32, sym=True)

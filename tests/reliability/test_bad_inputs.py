@@ -235,6 +235,34 @@ def test_resume_state_of_another_run_is_refused_with_the_reason(tiny_checkpoint,
         quantize(tiny_checkpoint, RTNConfig(QuantScheme(4, 32, True)), resume_dir=partial, progress=False)
 
 
+def test_damaged_resume_state_is_named(
+    capsys, monkeypatch, tiny_checkpoint, calib_text_file, tmp_path
+) -> None:
+    """A resume directory whose state.json names files that are gone or garbled (deleted by hand, a
+    full disk): one line naming the file and the remedy, not a traceback or a silently wrong output."""
+    from llmquant import api
+
+    out, partial = tmp_path / "out", tmp_path / "out.partial"
+    cmd = _gptq(tiny_checkpoint, out, calib_text_file)
+    with monkeypatch.context() as m:  # interrupted once every layer is done, before the save
+        m.setattr(api, "save_quantized", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+        assert _run(capsys, *cmd)[0] == 130
+    assert json.loads((partial / "state.json").read_text())["layers_done"] == 2
+    acts = partial / "activations-00002.safetensors"
+    acts.rename(tmp_path / acts.name)
+    assert _one_line_error(capsys, *cmd) == (
+        f"llmquant: error: resume file {partial}/activations-00002.safetensors is missing; {partial} is "
+        "damaged: pass --no-resume (resume=False) to start over"
+    )
+    (tmp_path / acts.name).rename(acts)
+    (partial / "layer-00001.safetensors").write_bytes(b"garbage")
+    line = _one_line_error(capsys, *cmd)
+    assert f"resume file {partial}/layer-00001.safetensors cannot be read (" in line and "--no-resume" in line
+    code, _, err = _run(capsys, *cmd, "--no-resume")
+    assert code == 0, err
+    assert not partial.exists()
+
+
 def test_synthetic_calibration_on_a_streamed_checkpoint(capsys, tiny_checkpoint, tmp_path) -> None:
     code, _, err = _run(capsys, *_gptq(tiny_checkpoint, tmp_path / "out", "synthetic"))
     assert code == 0, err

@@ -171,7 +171,7 @@ def test_fuzzed_quantization_config_only_typed_errors(qc) -> None:
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(header=st.dictionaries(st.text(max_size=6), _JSON, max_size=4) | _JSON, tail=st.binary(max_size=64))
 def test_fuzzed_safetensors_header_only_typed_errors(tmp_path, header, tail) -> None:
-    from llmquant.io import load_tensors, read_checkpoint_index
+    from llmquant.checkpoint import load_tensors, read_checkpoint_index
 
     raw = json.dumps(header).encode()
     shard = tmp_path / "model.safetensors"
@@ -185,7 +185,7 @@ def test_fuzzed_safetensors_header_only_typed_errors(tmp_path, header, tail) -> 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.binary(max_size=96))
 def test_fuzzed_shard_bytes_only_typed_errors(tmp_path, data) -> None:
-    from llmquant.io import load_tensors
+    from llmquant.checkpoint import load_tensors
 
     (tmp_path / "model.safetensors").write_bytes(data)
     try:

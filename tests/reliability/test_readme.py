@@ -73,14 +73,18 @@ def test_readme_python_snippet_runs(tiny_checkpoint, calib_text_file, tmp_path, 
     )
     monkeypatch.chdir(tmp_path)
     _long_context(tiny_checkpoint)
-    code = snippet.replace("path/to/float-model", str(tiny_checkpoint)).replace(
-        "path/to/calib.txt", str(calib)
+    code = (
+        snippet.replace("path/to/float-model", str(tiny_checkpoint))
+        .replace("path/to/calib.txt", str(calib))
+        .replace("path/to/wiki.test.raw", str(calib))
+        .replace("windows=40", "windows=2")
     )
     namespace: dict = {}
     exec(compile(code, str(README), "exec"), namespace)  # noqa: S102
     assert namespace["model"].llmquant_quantization_config["bits"] == 4
     assert (tmp_path / "out" / "config.json").is_file() and (tmp_path / "out-awq" / "config.json").is_file()
     assert [repo for _, repo in pushed] == ["owner/name"] and pushed[0][0]["verified_now"]
+    assert namespace["results"]["w4"].perplexity > namespace["results"]["float"].perplexity > 1
 
 
 def _long_context(path: Path) -> None:

@@ -11,15 +11,19 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-SOURCES = [*sorted((REPO / "llmquant").rglob("*.py")), *sorted((REPO / "llmquant_kernels").rglob("*.py"))]
+SOURCES = [*sorted((REPO / "llmquant").rglob("*.py")), *sorted((REPO / "kernels").rglob("*.py"))]
 
 
 def test_transformers_loads_a_model_from_the_repository_root(tiny_llama_dir) -> None:
     """transformers looks for the hub-kernels package (`find_spec("kernels")`, then imports it when it has
-    no metadata); from the repository root that must not find a folder of ours."""
+    no metadata); from the repository root that finds our `kernels/` folder, whose import must be harmless:
+    no version (so transformers does not take it for the hub library), nothing imported with it."""
     code = (
         "import importlib.util, sys\n"
-        "assert importlib.util.find_spec('kernels') is None, importlib.util.find_spec('kernels')\n"
+        "assert importlib.util.find_spec('kernels') is not None  # the folder is seen from the root\n"
+        "import kernels\n"
+        "assert not hasattr(kernels, '__version__')\n"
+        "assert not {'torch', 'triton', 'llmquant'} & set(sys.modules), sorted(sys.modules)\n"
         "from transformers import AutoModelForCausalLM\n"
         "from transformers.utils.import_utils import is_kernels_available\n"
         "assert not is_kernels_available()\n"
@@ -34,11 +38,46 @@ def test_transformers_loads_a_model_from_the_repository_root(tiny_llama_dir) -> 
     assert proc.stdout.strip().endswith("LlamaForCausalLM")
 
 
-def test_no_repository_folder_is_named_kernels() -> None:
-    assert not (REPO / "kernels").exists()
+def test_kernels_folder_is_installed_as_llmquant_kernels() -> None:
     import llmquant.kernels
 
-    assert Path(llmquant.kernels.__file__).parent == REPO / "llmquant_kernels"
+    assert Path(llmquant.kernels.__file__).parent == REPO / "kernels"
+
+
+def test_kernels_depend_on_nothing_above_them() -> None:
+    """``kernels/`` imports torch and triton only: nothing of llmquant (the layering of design.md)."""
+    bad = []
+    for path in sorted((REPO / "kernels").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module or ""]
+            bad += [f"{path.name}: {n}" for n in names if n.split(".")[0] == "llmquant"]
+    assert not bad, bad
+
+
+def test_quantize_and_load_on_cpu_do_not_import_triton(tiny_llama_dir, tmp_path) -> None:
+    """RTN quantization, saving, from_pretrained and a forward pass on the CPU import none of our Triton
+    modules (transformers' model code imports the triton package itself, through torch's flex attention
+    and dynamo, so that package's presence in sys.modules says nothing about us)."""
+    out = tmp_path / "q"
+    code = (
+        "import sys, torch, llmquant\n"
+        "from llmquant.api import quantize_checkpoint\n"
+        "from llmquant.config import QuantScheme, RTNConfig\n"
+        f"quantize_checkpoint({str(tiny_llama_dir)!r}, {str(out)!r}, RTNConfig(QuantScheme(4, 32, True)))\n"
+        f"m = llmquant.from_pretrained({str(out)!r}, dtype=torch.float32, progress=False)\n"
+        "m(torch.ones(1, 4, dtype=torch.long))\n"
+        "ours = {'_jit', '_launch', 'configs', 'dequant', 'gemm', 'gemv', 'tuning'}\n"
+        "bad = [k for k in sys.modules if k.startswith('llmquant.kernels.') and k.split('.')[-1] in ours]\n"
+        "assert not bad, bad\n"
+        "print('ok')\n"
+    )
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().endswith("ok")
 
 
 def _calls(path: Path) -> list[ast.Call]:
@@ -83,3 +122,58 @@ def test_remote_code_is_off() -> None:
                     )
     assert not bad, bad
     assert "trust_remote_code=True" not in "".join(p.read_text() for p in SOURCES)
+
+
+def _module_graph() -> dict[str, set[str]]:
+    """Module -> the modules of llmquant and llmquant.kernels it imports (module level or inside a
+    function: a lazy import that closes a loop is still a loop)."""
+    roots = {"llmquant": REPO / "llmquant", "llmquant.kernels": REPO / "kernels"}
+    mods: dict[str, tuple[Path, bool]] = {}
+    for pkg, folder in roots.items():
+        for path in folder.rglob("*.py"):
+            parts = [p for p in path.relative_to(folder).with_suffix("").parts if p != "__init__"]
+            mods[".".join([pkg, *parts])] = (path, path.name == "__init__.py")
+    graph: dict[str, set[str]] = {m: set() for m in mods}
+    for mod, (path, is_pkg) in mods.items():
+        here = mod.split(".") if is_pkg else mod.split(".")[:-1]
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            targets: list[str] = []
+            if isinstance(node, ast.ImportFrom):
+                base = ".".join(here[: len(here) - node.level + 1] + [node.module or ""]).strip(".")
+                base = base if node.level else node.module or ""
+                targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in mods else base for a in node.names]
+            elif isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            graph[mod] |= {t for t in targets if t in mods and t != mod}
+    return graph
+
+
+def test_no_import_cycles() -> None:
+    graph = _module_graph()
+    assert graph["llmquant.methods"] and graph["llmquant.kernels.gemm"]  # the walk sees imports
+    cycles, state = [], {}
+
+    def visit(node: str, stack: list[str]) -> None:
+        state[node] = "open"
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == "open":
+                cycles.append(stack[stack.index(nxt) :] + [nxt])
+            elif nxt not in state:
+                visit(nxt, [*stack, nxt])
+        state[node] = "done"
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+    assert not cycles, cycles
+
+
+def test_no_function_over_80_lines_outside_jit_kernels() -> None:
+    long = []
+    for path in SOURCES:
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                jit = any("triton" in ast.unparse(d) for d in node.decorator_list)
+                if not jit and node.end_lineno - node.lineno + 1 > 80:
+                    long.append(f"{path.name}:{node.name} ({node.end_lineno - node.lineno + 1} lines)")
+    assert not long, long

@@ -33,11 +33,16 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from llmquant.bitpack import pack, packed_length, unpack
-from llmquant.qtensor import QuantizedWeight, trivial_g_idx
+from .bitpack import pack, packed_length, unpack
 
 BLOCK_INPUTS = 32  # inputs per block of the blocked layout (bits in BLOCKED_BITS)
 BLOCKED_BITS = (2, 4, 8)
+SUPPORTED_BITS = BLOCKED_BITS  # the widths the Triton kernels read; others run the reference
+
+
+def effective_group_size(group_size: int | None, in_features: int) -> int:
+    """The group size of the layout's math: ``None`` (per-channel) is one group of all K inputs."""
+    return in_features if group_size is None else int(group_size)
 
 
 def kernel_rows(in_features: int, bits: int) -> int:
@@ -69,24 +74,23 @@ def unpack_codes(qweight: torch.Tensor, bits: int, in_features: int) -> torch.Te
     return codes.reshape(-1, n)[:in_features]
 
 
-def to_kernel_layout(qw: QuantizedWeight) -> dict[str, torch.Tensor | None]:
-    """QuantizedWeight -> {"qweight", "scales", "zeros", "perm"} in the layout above (on qw's device)."""
-    codes, perm = qw.codes, None
-    if not qw.has_trivial_g_idx():
-        perm = torch.argsort(qw.g_idx.long(), stable=True)
-        sorted_g = qw.g_idx[perm]
-        expect = trivial_g_idx(qw.shape[1], qw.group_size, device=sorted_g.device)
-        if not torch.equal(sorted_g, expect):
-            raise ValueError(
-                "g_idx assigns groups of uneven size; "
-                "only act-order permutations of equal groups are supported"
-            )
-        codes = codes[:, perm]  # [N, K] columns in group order
-        perm = perm.to(torch.int32)
+def build_layout(
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    bits: int,
+    perm: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor | None]:
+    """{"qweight", "scales", "zeros", "perm"} in the layout above, from codes uint8 [N, K] (in the
+    original input order), scales float16 [N, G] and zeros uint8 [N, G]; ``perm`` int32 [K] (the stable
+    argsort of an act-order g_idx) or None. The llmquant side builds it from a QuantizedWeight
+    (``llmquant.nn.to_kernel_layout``)."""
+    if perm is not None:
+        codes = codes[:, perm.long()]  # [N, K] columns in group order
     return {
-        "qweight": pack_codes(codes.t(), qw.bits),  # codes [N, K] -> [K, N] -> [kernel_rows, N]
-        "scales": qw.scales.t().contiguous(),  # [N, G] -> [G, N]
-        "zeros": qw.zeros.t().contiguous(),  # [N, G] -> [G, N]
+        "qweight": pack_codes(codes.t(), bits),  # codes [N, K] -> [K, N] -> [kernel_rows, N]
+        "scales": scales.t().contiguous(),  # [N, G] -> [G, N]
+        "zeros": zeros.t().contiguous(),  # [N, G] -> [G, N]
         "perm": perm,
     }
 
@@ -117,11 +121,23 @@ def quant_matmul_ref(
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """y [..., N] = x[..., perm] @ W^T (+ bias), W rounded to x's dtype, accumulated in float32."""
-    k = x.shape[-1]
+    w = dequantize_ref(qweight, scales, zeros, bits, group_size, x.shape[-1], dtype=x.dtype)
+    return dense_matmul_ref(x, w, perm, bias)
+
+
+def dense_matmul_ref(
+    x: torch.Tensor,
+    weight_t: torch.Tensor,
+    perm: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``quant_matmul_ref`` after its dequantization: y [..., N] = x[..., perm] @ weight_t (+ bias) for a
+    dense W^T [K, N] (in permuted input order), rounded to x's dtype, accumulated in float32. Given
+    ``dequantize_ref(..., dtype=torch.float32)`` it is bitwise ``quant_matmul_ref`` (one rounding either
+    way), which is how a dequantize-once cache reuses one float32 copy for any input dtype."""
     if perm is not None:
         x = x[..., perm.long()]
-    w = dequantize_ref(qweight, scales, zeros, bits, group_size, k, dtype=x.dtype)
-    y = x.float() @ w.float()
+    y = x.float() @ weight_t.to(x.dtype).float()
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype)

@@ -41,9 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import finish, kernel_args, prepare
-from .configs import autotune_options, check_config, gemv_configs, max_split_k, prune_gemv
-from .dequant import (
+from ._jit import (
     _group_params,
     _load_words,
     _load_words_until,
@@ -54,6 +52,8 @@ from .dequant import (
     _store_tile,
     _x_cols,
 )
+from ._launch import finish, kernel_args, prepare
+from .configs import autotune_options, check_config, gemv_configs, prune_gemv, tuned_max_split
 from .layout import quant_matmul_ref
 
 GEMV_MAX_BLOCK_M = 16
@@ -338,7 +338,7 @@ def gemv(
     rows = x.numel() // max(x.shape[-1], 1)
     if rows > GEMV_MAX_BLOCK_M:
         raise ValueError(f"gemv handles at most {GEMV_MAX_BLOCK_M} rows, got {rows}; use gemm")
-    max_split = config.kwargs["SPLIT_K"] if config is not None else max_split_k(gemv_configs())
+    max_split = config.kwargs["SPLIT_K"] if config is not None else tuned_max_split("gemv")
     launch = prepare(x, qweight, scales, zeros, bits, group_size, perm, bias, max_split=max_split)
     m, n = launch.m, qweight.shape[1]
     if m == 0 or n == 0 or x.shape[-1] == 0:

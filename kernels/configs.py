@@ -13,31 +13,24 @@ re-tune for every M. ``prune_*`` drop configs that cannot be valid or fast for a
 enough programs to fill the SMs). Under ``TRITON_INTERPRET=1`` each list collapses to one small
 ``INTERPRET_*`` config so the numpy interpreter never benchmarks.
 
-Tuned results live in each ``triton.Autotuner``'s ``cache``; ``dump_tuned``/``load_tuned`` move them
-to and from a JSON file (one per GPU model, written by ``scripts/bench_kernels.py --tune``).
+Tuned results live in each ``triton.Autotuner``'s ``cache``; ``tuning.dump_tuned``/``load_tuned`` move
+them to and from a JSON file (one per GPU model, written by ``scripts/bench_kernels.py --tune``).
 
-The thresholds below come from H100 measurements (comment there); ``scripts/bench_kernels.py`` prints
-each path's time per M to confirm or move them on other GPUs.
+The dispatch thresholds (``dispatch.py``) come from H100 measurements (comment there);
+``scripts/bench_kernels.py`` prints each path's time per M to confirm or move them on other GPUs.
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import os
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
 import triton
 
-# Dispatch thresholds, from the H100 runs of scripts/bench_kernels.py (docs/benchmarks.md, Kernels):
-# the CUDA-core GEMV lost to the tensor-core GEMM from M = 2 on (4096x11008: GEMV 57.9 us at M = 2,
-# GEMM 41.7 us at M = 8), and the GEMM lost to dequantize + cuBLAS from M ~ 64 on (4096x4096: GEMM
-# 39.8 us at M = 64, 197 us at M = 128, where dequant + matmul costs about 15 + 22 us).
-GEMV_MAX_M = 1  # M above this uses the tensor-core GEMM
+# (the dispatch thresholds GEMV_MAX_M and DEQUANT_MATMUL_MIN_M live in dispatch.py)
 SPLIT_K_MAX_M = 64  # GEMM split-K configs only for M up to this
-DEQUANT_MATMUL_MIN_M = 64  # M at or above this: dequantize once + cuBLAS
 
 # BLOCK_M * (BLOCK_K / PACK) * BLOCK_N fp32 partial sums of the GEMV kept per program (registers).
 GEMV_MAX_PRODUCT = 8192
@@ -105,7 +98,14 @@ INTERPRET_GEMM = _cfg(1, 1, BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, SPLIT_K=1, GROUP
 
 
 def dequant_configs() -> list[triton.Config]:
-    if interpreting():
+    """The dequant autotune list (one interpreter config under TRITON_INTERPRET=1), built once per mode."""
+    return list(_dequant_configs(interpreting()))
+
+
+@functools.cache
+def _dequant_configs(interpret: bool) -> list[triton.Config]:
+    """(cached: callers get copies)"""
+    if interpret:
         return [INTERPRET_DEQUANT]
     return [
         _cfg(w, s, BLOCK_K=bk, BLOCK_N=bn)
@@ -118,7 +118,14 @@ def dequant_configs() -> list[triton.Config]:
 
 
 def gemv_configs() -> list[triton.Config]:
-    if interpreting():
+    """The gemv autotune list (one interpreter config under TRITON_INTERPRET=1), built once per mode."""
+    return list(_gemv_configs(interpreting()))
+
+
+@functools.cache
+def _gemv_configs(interpret: bool) -> list[triton.Config]:
+    """(cached: callers get copies)"""
+    if interpret:
         return [INTERPRET_GEMV]
     # (BLOCK_N, BLOCK_K) word tiles x split-K; prune_gemv drops what the M bucket's registers, the
     # group alignment or the grid's occupancy rule out, so a shape times a dozen or so.
@@ -142,7 +149,14 @@ def gemv_configs() -> list[triton.Config]:
 
 
 def gemm_configs() -> list[triton.Config]:
-    if interpreting():
+    """The gemm autotune list (one interpreter config under TRITON_INTERPRET=1), built once per mode."""
+    return list(_gemm_configs(interpreting()))
+
+
+@functools.cache
+def _gemm_configs(interpret: bool) -> list[triton.Config]:
+    """(cached: callers get copies)"""
+    if interpret:
         return [INTERPRET_GEMM]
     # SCALE_AFTER (the kernel default) and per-slice dots: in the H100 sweep (scripts/sweep_kernels.py,
     # docs/benchmarks.md) ONE_DOT lost on the skinny shapes, so only a few ONE_DOT configs are tuned.
@@ -184,6 +198,17 @@ def check_config(config: triton.Config | None) -> None:
 def max_split_k(configs: list[triton.Config]) -> int:
     """The largest SPLIT_K in a config list (the split-K workspace is sized for it)."""
     return max(c.kwargs.get("SPLIT_K", 1) for c in configs)
+
+
+@functools.cache
+def _max_split(kind: str, interpret: bool) -> int:
+    builders = {"gemv": _gemv_configs, "gemm": _gemm_configs}
+    return max_split_k(list(builders[kind](interpret)))
+
+
+def tuned_max_split(kind: str) -> int:
+    """``max_split_k`` of the ``"gemv"`` or ``"gemm"`` list, computed once per mode (per-call hot path)."""
+    return _max_split(kind, interpreting())
 
 
 @functools.lru_cache(maxsize=8)
@@ -275,44 +300,3 @@ def prune_dequant(configs: list[triton.Config], nargs: dict[str, Any], **kwargs:
 
 
 # --- tuned-config cache (JSON) ---------------------------------------------------------------------
-
-TUNED_FORMAT_VERSION = 1
-
-
-def _autotuners() -> dict[str, Any]:
-    # (``from . import gemv`` would give the launcher function the package re-exports, not the module)
-    from .dequant import _dequant_kernel_tuned
-    from .gemm import _gemm_kernel_tuned
-    from .gemv import _gemv_kernel_tuned
-
-    return {"dequant": _dequant_kernel_tuned, "gemv": _gemv_kernel_tuned, "gemm": _gemm_kernel_tuned}
-
-
-def _config_to_dict(cfg: triton.Config) -> dict[str, Any]:
-    return {"kwargs": dict(cfg.kwargs), "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
-
-
-def dump_tuned(path: str | Path, device_name: str = "") -> dict[str, Any]:
-    """Write every autotuner's cache (key -> best config) to ``path`` as JSON; returns the data."""
-    data: dict[str, Any] = {"version": TUNED_FORMAT_VERSION, "device": device_name, "kernels": {}}
-    for name, tuner in _autotuners().items():
-        data["kernels"][name] = [
-            {"key": list(key), "config": _config_to_dict(cfg)} for key, cfg in tuner.cache.items()
-        ]
-    Path(path).write_text(json.dumps(data, indent=1))
-    return data
-
-
-def load_tuned(path: str | Path) -> int:
-    """Seed the autotuner caches from a ``dump_tuned`` file; returns the number of entries loaded."""
-    data = json.loads(Path(path).read_text())
-    if data.get("version") != TUNED_FORMAT_VERSION:
-        raise ValueError(f"{path}: tuned-config format {data.get('version')} != {TUNED_FORMAT_VERSION}")
-    tuners, count = _autotuners(), 0
-    for name, entries in data["kernels"].items():
-        for entry in entries:
-            c = entry["config"]
-            cfg = triton.Config(c["kwargs"], num_warps=c["num_warps"], num_stages=c["num_stages"])
-            tuners[name].cache[tuple(entry["key"])] = cfg
-            count += 1
-    return count

@@ -44,17 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import finish, kernel_args, prepare
-from .configs import (
-    SPLIT_K_MAX_M,
-    autotune_options,
-    check_config,
-    gemm_configs,
-    m_bucket,
-    max_split_k,
-    prune_gemm,
-)
-from .dequant import (
+from ._jit import (
     _dequantize_tile,
     _group_params,
     _load_words,
@@ -65,6 +55,16 @@ from .dequant import (
     _store_tile,
     _tile_inputs,
     _x_cols,
+)
+from ._launch import finish, kernel_args, prepare
+from .configs import (
+    SPLIT_K_MAX_M,
+    autotune_options,
+    check_config,
+    gemm_configs,
+    m_bucket,
+    prune_gemm,
+    tuned_max_split,
 )
 from .layout import quant_matmul_ref
 
@@ -391,7 +391,7 @@ def gemm(
     if config is not None:
         max_split = config.kwargs["SPLIT_K"]
     else:
-        max_split = max_split_k(gemm_configs()) if rows <= SPLIT_K_MAX_M else 1
+        max_split = tuned_max_split("gemm") if rows <= SPLIT_K_MAX_M else 1
     launch = prepare(x, qweight, scales, zeros, bits, group_size, perm, bias, max_split=max_split)
     m, n = launch.m, qweight.shape[1]
     if m == 0 or n == 0 or x.shape[-1] == 0:

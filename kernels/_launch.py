@@ -4,7 +4,7 @@ Both kernels compute y [M, N] = x[:, perm] @ W^T (+ bias) with x flattened to [M
 a program stores its tile straight into ``y`` (activation dtype); with SPLIT_K > 1 each split writes its
 fp32 partial into an uninitialised workspace [max_split, M, N] and the last split of each output tile
 (found through a per-tile counter in a cached, self-resetting int32 buffer) reduces and stores ``y``
-(``dequant._store_tile``). Either way one kernel launch and no device sync: the op stays capturable in
+(``_jit._store_tile``). Either way one kernel launch and no device sync: the op stays capturable in
 a CUDA graph (warm each shape up before capture, so the counter buffer is allocated outside it).
 """
 
@@ -15,10 +15,47 @@ from dataclasses import dataclass
 import torch
 import triton
 
+from ._jit import _magic_f32
 from .configs import COMPILE_OPTIONS, interpreting
-from .dequant import check_interpretable, check_layout, kernel_group_size
+from .layout import SUPPORTED_BITS, kernel_rows
 
 ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def kernel_group_size(group_size: int | None, in_features: int) -> int:
+    """The group size the kernels see: per-channel (None, or >= K) becomes a multiple of 1024 >= K.
+
+    Any power-of-two BLOCK_K <= 1024 then divides it, so per-channel weights take the one-group-per-tile
+    path, and k // group_size is still 0 for every k < K.
+    """
+    if group_size is None or group_size >= in_features:
+        return triton.cdiv(max(in_features, 1), 1024) * 1024
+    return group_size
+
+
+def check_layout(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, k: int) -> None:
+    """Shape/dtype checks shared by the launchers (ValueError saying what is wrong)."""
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"Triton kernels support bits in {SUPPORTED_BITS}, got {bits}; use the reference")
+    n = qweight.shape[1]
+    if qweight.dtype != torch.int32 or qweight.shape[0] != kernel_rows(k, bits):
+        raise ValueError(
+            f"qweight must be int32 [{kernel_rows(k, bits)}, N] for K={k}, bits={bits}; "
+            f"got {qweight.dtype} {tuple(qweight.shape)}"
+        )
+    if scales.dtype != torch.float16 or zeros.dtype != torch.uint8:
+        raise ValueError(f"scales must be float16 and zeros uint8, got {scales.dtype}/{zeros.dtype}")
+    if scales.shape != zeros.shape or scales.shape[1] != n:
+        raise ValueError(f"scales/zeros must be [G, {n}], got {tuple(scales.shape)}/{tuple(zeros.shape)}")
+
+
+def check_interpretable(t: torch.Tensor) -> None:
+    """Triton on CPU tensors only works in the interpreter, which must be on before kernels import."""
+    # by class name: triton.runtime.interpreter need not be imported when not interpreting
+    if t.device.type == "cpu" and type(_magic_f32).__name__ != "InterpretedFunction":
+        raise RuntimeError(
+            "Triton kernels on CPU tensors need TRITON_INTERPRET=1 set before llmquant.kernels is imported"
+        )
 
 
 @dataclass

@@ -20,15 +20,29 @@ use; neither may happen while capturing).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
-from .configs import DEQUANT_MATMUL_MIN_M, GEMV_MAX_M
-from .dequant import SUPPORTED_BITS, dequant
-from .gemm import gemm
-from .gemv import gemv
-from .layout import quant_matmul_ref
+from .layout import SUPPORTED_BITS, effective_group_size, quant_matmul_ref
 
 BACKENDS = ("auto", "triton", "reference")
+# Dispatch thresholds, from the H100 runs of scripts/bench_kernels.py (docs/benchmarks.md, Kernels):
+# the CUDA-core GEMV lost to the tensor-core GEMM from M = 2 on (4096x11008: GEMV 57.9 us at M = 2,
+# GEMM 41.7 us at M = 8), and the GEMM lost to dequantize + cuBLAS from M ~ 64 on (4096x4096: GEMM
+# 39.8 us at M = 64, 197 us at M = 128, where dequant + matmul costs about 15 + 22 us).
+GEMV_MAX_M = 1  # M above this uses the tensor-core GEMM
+DEQUANT_MATMUL_MIN_M = 64  # M at or above this: dequantize once + cuBLAS
+
+
+@functools.cache
+def _triton_ops():  # noqa: ANN202
+    """The Triton launchers, imported on first use: the reference path (CPU) never imports Triton."""
+    from .dequant import dequant
+    from .gemm import gemm
+    from .gemv import gemv
+
+    return dequant, gemm, gemv
 
 
 def _uses_triton(x: torch.Tensor, bits: int, backend: str) -> bool:
@@ -51,6 +65,7 @@ def _dequant_matmul(
 ) -> torch.Tensor:
     """Large-M path: W^T dequantized once in x's dtype, then cuBLAS (fp32 accumulation inside)."""
     k = x.shape[-1]
+    dequant, _, _ = _triton_ops()
     w = dequant(qweight, scales, zeros, bits, group_size, k, dtype=x.dtype)  # [K, N]
     if perm is not None:
         x = x[..., perm.long()]
@@ -74,6 +89,7 @@ def quant_matmul_impl(
     if not _uses_triton(x, bits, backend):
         return quant_matmul_ref(x, qweight, scales, zeros, bits, group_size, perm, bias)
     rows = x.numel() // max(x.shape[-1], 1)
+    _, gemm, gemv = _triton_ops()
     if rows <= GEMV_MAX_M:
         return gemv(x, qweight, scales, zeros, bits, group_size, perm, bias)
     if rows < DEQUANT_MATMUL_MIN_M:
@@ -120,7 +136,7 @@ def quant_matmul(
     Returns x's dtype, accumulated in fp32. ``backend``: "auto" (Triton on CUDA, reference elsewhere),
     "triton" (force the kernels, e.g. on CPU under TRITON_INTERPRET=1) or "reference".
     """
-    gs = x.shape[-1] if group_size is None else int(group_size)
+    gs = effective_group_size(group_size, x.shape[-1])
     if torch.compiler.is_compiling():  # keep dynamo from tracing into the Triton launch
         return torch.ops.llmquant.quant_matmul(x, qweight, scales, zeros, int(bits), gs, perm, bias, backend)
     # eager: call the dispatch directly (the custom-op wrapper costs tens of microseconds per call)

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from llmquant.bitpack import pack, packed_length, unpack
+from llmquant.kernels.bitpack import pack, packed_length, unpack
 
 AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]
 
