@@ -17,12 +17,46 @@ Layers, bottom up: ``bitpack`` -> ``layout`` (torch only) -> ``configs`` / ``_ji
 ``tuning``. Nothing here imports ``llmquant``.
 
 Importing this package compiles nothing and touches no GPU.
+
+Imported as a top-level ``kernels`` (Python started in the repository root puts this folder on
+``sys.path`` ahead of site-packages), it is in the way of the hub-kernels library of that name, which
+transformers >= 5.25 requires and imports (``from kernels import CUDAProperties, ...``). Then this module
+hands over: if that library is installed, it is loaded in this module's place (``sys.modules["kernels"]``
+is the library, so every ``kernels.*`` import means what transformers means); if not, this stays a
+package with no version, which transformers' probe passes over.
 """
 
 from __future__ import annotations
 
 import importlib
+import sys
+from importlib import metadata, util
+from pathlib import Path
 from typing import Any
+
+
+def _hand_over_to_the_hub_library() -> None:
+    """Load the installed hub-kernels library as ``kernels`` in this module's place (module docstring)."""
+    try:
+        init = Path(str(metadata.distribution("kernels").locate_file("kernels/__init__.py")))
+    except metadata.PackageNotFoundError:
+        return
+    if not init.is_file() or init.resolve() == Path(__file__).resolve():
+        return
+    spec = util.spec_from_file_location("kernels", init, submodule_search_locations=[str(init.parent)])
+    if spec is None or spec.loader is None:
+        return
+    module = util.module_from_spec(spec)
+    sys.modules["kernels"] = module  # what `import kernels` returns once this module has run
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules["kernels"]
+        raise
+
+
+if __name__ == "kernels":
+    _hand_over_to_the_hub_library()
 
 # public name -> submodule; resolved on first access (PEP 562), so importing the package imports
 # neither Triton nor any kernel: the CPU paths (quantize, load, the reference matmul) never do, and

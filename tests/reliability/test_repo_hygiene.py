@@ -14,28 +14,78 @@ REPO = Path(__file__).resolve().parents[2]
 SOURCES = [*sorted((REPO / "llmquant").rglob("*.py")), *sorted((REPO / "kernels").rglob("*.py"))]
 
 
-def test_transformers_loads_a_model_from_the_repository_root(tiny_llama_dir) -> None:
-    """transformers looks for the hub-kernels package (`find_spec("kernels")`, then imports it when it has
-    no metadata); from the repository root that finds our `kernels/` folder, whose import must be harmless:
-    no version (so transformers does not take it for the hub library), nothing imported with it."""
-    code = (
-        "import importlib.util, sys\n"
-        "assert importlib.util.find_spec('kernels') is not None  # the folder is seen from the root\n"
-        "import kernels\n"
-        "assert not hasattr(kernels, '__version__')\n"
-        "assert not {'torch', 'triton', 'llmquant'} & set(sys.modules), sorted(sys.modules)\n"
-        "from transformers import AutoModelForCausalLM\n"
-        "from transformers.utils.import_utils import is_kernels_available\n"
-        "assert not is_kernels_available()\n"
-        f"m = AutoModelForCausalLM.from_pretrained({str(tiny_llama_dir)!r})\n"
-        "print(type(m).__name__)\n"
-    )
-    env = dict(os.environ, HF_HUB_OFFLINE="1")  # a local directory: nothing to fetch
-    proc = subprocess.run(
+def _hub_kernels_installed() -> bool:
+    from importlib import metadata
+
+    try:
+        metadata.distribution("kernels")
+    except metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+def _run_from_root(code: str, env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", **(env_extra or {}))  # a local directory: nothing to fetch
+    return subprocess.run(
         [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
     )
+
+
+def test_transformers_loads_a_model_from_the_repository_root(tiny_llama_dir) -> None:
+    """transformers probes for the hub-kernels library (``kernels``; transformers >= 5.25 requires it and
+    imports names from it); from the repository root `import kernels` finds our folder first. Installed,
+    the library must be what `import kernels` gives; not installed, our folder must look like no
+    library at all (no version, nothing imported with it)."""
+    installed = _hub_kernels_installed()
+    ours = str(REPO / "kernels" / "__init__.py")
+    code = (
+        "import importlib.util, sys\n"
+        f"assert importlib.util.find_spec('kernels').origin == {ours!r}  # the folder is seen first\n"
+        "import kernels\n"
+        "from transformers import AutoModelForCausalLM\n"
+        "from transformers.utils.import_utils import is_kernels_available\n"
+    )
+    if installed:
+        code += (
+            "assert hasattr(kernels, '__version__'), kernels.__file__\n"
+            "assert 'site-packages' in kernels.__file__, kernels.__file__\n"
+            "assert is_kernels_available()\n"
+        )
+    else:
+        code += "assert not hasattr(kernels, '__version__')\nassert not is_kernels_available()\n"
+    code += f"m = AutoModelForCausalLM.from_pretrained({str(tiny_llama_dir)!r})\nprint(type(m).__name__)\n"
+    proc = _run_from_root(code)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().endswith("LlamaForCausalLM")
+
+
+def test_our_kernels_folder_hands_over_to_an_installed_hub_library(tmp_path) -> None:
+    """A stand-in hub library (a dist-info named ``kernels``) ahead on sys.path: from the repository root
+    `import kernels` and `from kernels.sub import X` load it, not our folder; without it, our folder
+    imports as a package with no version that pulls in nothing."""
+    site = tmp_path / "site"
+    (site / "kernels").mkdir(parents=True)
+    (site / "kernels" / "__init__.py").write_text("__version__ = '0.99'\nfrom .sub import THING\n")
+    (site / "kernels" / "sub.py").write_text("THING = 'hub'\n")
+    info = site / "kernels-0.99.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: kernels\nVersion: 0.99\n")
+    (info / "RECORD").write_text("kernels/__init__.py,,\nkernels/sub.py,,\n")
+    code = (
+        "import sys, kernels\nfrom kernels.sub import THING\n"
+        "assert kernels.__version__ == '0.99' and THING == 'hub', kernels.__file__\n"
+        "assert sys.modules['kernels'] is kernels\n"
+        "assert not {'torch', 'triton', 'llmquant'} & set(sys.modules)\nprint('ok')\n"
+    )
+    proc = _run_from_root(code, {"PYTHONPATH": str(site)})
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+    if not _hub_kernels_installed():
+        code = (
+            "import sys, kernels\nassert not hasattr(kernels, '__version__')\n"
+            "assert not {'torch', 'triton', 'llmquant'} & set(sys.modules)\nprint('ok')\n"
+        )
+        proc = _run_from_root(code)
+        assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
 
 
 def test_kernels_folder_is_installed_as_llmquant_kernels() -> None:
