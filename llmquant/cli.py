@@ -176,7 +176,17 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
         help="gptq (v1) | gptq_v2 | awq | compressed-tensors (default: the method's own: awq for AWQ when "
         "the group size divides every input size, else gptq for sym / gptq_v2 for asym)",
     )
-    p.add_argument("--mse-clip", action="store_true", help="choose each group's range by an error search")
+    from .config import GRIDS
+
+    p.add_argument(
+        "--grid",
+        choices=GRIDS,
+        default=None,
+        help="how each group's scale/zero are chosen (rtn/gptq): minmax (the plain range), mse (a shrink "
+        "minimizing the L2.4 error), search (the scale/zero minimizing the Hessian-diagonal-weighted "
+        "squared error) (default: the method's own)",
+    )
+    p.add_argument("--mse-clip", dest="grid", action="store_const", const="mse", help="same as --grid mse")
     _add_calibration_options(p)
     _add_awq_options(p)
     p.add_argument("--device", default=None, help="compute device (default: cuda if available, else cpu)")

@@ -13,6 +13,7 @@ from typing import Any, ClassVar, TypeVar
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 METHODS = ("rtn", "gptq", "awq", "awq+gptq")
+GRIDS = ("minmax", "mse", "search")  # llmquant.grid.GRIDS: how each group's scale/zero are chosen
 
 T = TypeVar("T", bound="_Config")
 
@@ -34,6 +35,8 @@ class _Config:
     def from_dict(cls: type[T], data: dict[str, Any]) -> T:
         data = dict(data)
         version = data.pop("version", cls.version)
+        if "mse_clip" in data and "grid" not in data:  # configs written before ``grid`` replaced it
+            data["grid"] = "mse" if data.pop("mse_clip") else "minmax"
         if version > cls.version:
             raise ValueError(
                 f"{cls.__name__} version {version} is newer than this llmquant understands "
@@ -95,16 +98,18 @@ class QuantScheme(_Config):
 class RTNConfig(_Config):
     """Round-to-nearest: no calibration data.
 
-    mse_clip: search a per-group shrink of the min-max range that minimizes the rounding error
-        (``grid.mse_qparams``) instead of plain min-max.
+    grid: how each group's scale/zero are chosen (``grid.group_qparams``): ``"minmax"`` the plain
+        range, ``"mse"`` a shrink of it minimizing the L2.4 rounding error, ``"search"`` the scale (and
+        zero) minimizing the squared rounding error over a wider family (``grid.search_qparams``).
     """
 
     scheme: QuantScheme = field(default_factory=QuantScheme)
-    mse_clip: bool = False
+    grid: str = "minmax"
     method: ClassVar[str] = "rtn"
 
     def __post_init__(self) -> None:
         _check_scheme(self.scheme)
+        _check_grid(self.grid)
 
 
 @dataclass(frozen=True)
@@ -127,7 +132,9 @@ class GPTQConfig(_Config):
         follow act_order.
     true_sequential: quantize q/k/v -> o -> gate/up -> down, each group seeing the quantized outputs
         of the earlier ones.
-    mse_clip: choose each group's grid by an error-minimizing shrink search instead of min-max.
+    grid: how each group's scale/zero are chosen, as for RTN, with the Hessian diagonal (the mean
+        squared input of each column) weighting the error of ``"mse"`` and ``"search"``. Applies to
+        static-group and per-channel grids (fixed before the loop) and to dynamic groups alike.
     """
 
     scheme: QuantScheme = field(default_factory=QuantScheme)
@@ -136,11 +143,12 @@ class GPTQConfig(_Config):
     act_order: bool = True
     static_groups: bool | None = None
     true_sequential: bool = True
-    mse_clip: bool = False
+    grid: str = "minmax"
     method: ClassVar[str] = "gptq"
 
     def __post_init__(self) -> None:
         _check_scheme(self.scheme)
+        _check_grid(self.grid)
         if self.static_groups is None:  # frozen: resolve the default once, so to_dict() stores a bool
             object.__setattr__(self, "static_groups", self.act_order)
         if not 0.0 < self.damp < 1.0:
@@ -246,6 +254,11 @@ MethodConfig = RTNConfig | GPTQConfig | AWQConfig
 def _check_scheme(scheme: QuantScheme) -> None:
     if not isinstance(scheme, QuantScheme):
         raise ValueError(f"scheme must be a QuantScheme, got {type(scheme).__name__}")
+
+
+def _check_grid(grid: str) -> None:
+    if grid not in GRIDS:
+        raise ValueError(f"grid must be one of {', '.join(GRIDS)}, got {grid!r}")
 
 
 def method_config_from_dict(data: dict[str, Any]) -> MethodConfig:

@@ -146,7 +146,7 @@ def gptq_quantize(
     W1, H1, dead = _mask_dead_columns(W0, H0)
     if bool(dead.all()):
         return _rtn_fallback(W0, H0, config, config.damp, int(dead.sum()), name, "H is all zero")
-    importance = torch.diagonal(H1).clone()  # undamped diag(H) weights the MSE grid search
+    importance = torch.diagonal(H1).clone()  # undamped diag(H) weights the grid search
     perm = _column_order(importance, config.act_order)
     if config.act_order:
         H1 = H1[perm[:, None], perm]  # H [K, K] -> [K, K] rows and columns in loop order
@@ -236,7 +236,7 @@ def _rtn_fallback(
         name,
         reason,
     )
-    weight = quantize_weight(W, config.scheme, mse=config.mse_clip)
+    weight = quantize_weight(W, config.scheme, grid=config.grid)
     rows = row_hessian_errors(W, weight.dequantize(W.dtype), H)
     return GPTQResult(weight, float(rows.sum()) / 2, rows, damp, dead_columns, fallback="rtn")
 
@@ -258,7 +258,7 @@ def _initial_grids(
     scheme = config.scheme
     n, k = W.shape
     if scheme.group_size is None or config.static_groups:
-        scales, zeros = compute_qparams(W, scheme, mse=config.mse_clip, importance=importance)
+        scales, zeros = compute_qparams(W, scheme, grid=config.grid, importance=importance)
         col_group = trivial_g_idx(k, scheme.group_size, device=W.device).long()[perm]
         return _Grids(scales.float(), zeros.float(), col_group, dynamic_size=None)
     empty = torch.zeros(n, scheme.num_groups(k), dtype=torch.float32, device=W.device)
@@ -318,7 +318,7 @@ def _fill_group_grid(
     """Grid of the group at loop positions [j1, j2) from the current W (ragged last group allowed)."""
     scheme = config.scheme
     scale, zero = group_qparams(
-        W[:, j1:j2].contiguous(), scheme.bits, scheme.sym, mse=config.mse_clip, importance=importance[j1:j2]
+        W[:, j1:j2].contiguous(), scheme.bits, scheme.sym, grid=config.grid, importance=importance[j1:j2]
     )  # [N, j2 - j1] -> [N, 1]
     g = j1 // grids.dynamic_size
     grids.scales[:, g] = scale[:, 0]

@@ -131,7 +131,7 @@ class RTNRounder:
         for name in ctx.arch.linear_names:
             t0 = time.perf_counter()
             module = layer.get_submodule(name)
-            qw = quantize_weight(module.weight.data.float(), self.config.scheme, mse=self.config.mse_clip)
+            qw = quantize_weight(module.weight.data.float(), self.config.scheme, grid=self.config.grid)
             out[name] = (qw, ModuleLog(name, None, None, time.perf_counter() - t0, 0))
         return out
 
@@ -224,7 +224,7 @@ class MethodSpec:
 
 
 def _gptq_from(scheme: QuantScheme, o: Mapping[str, Any]) -> GPTQConfig:
-    keys = ("damp", "block_size", "act_order", "static_groups", "true_sequential", "mse_clip")
+    keys = ("damp", "block_size", "act_order", "static_groups", "true_sequential", "grid")
     return GPTQConfig(scheme=scheme, **{k: o[k] for k in keys if o.get(k) is not None})
 
 
@@ -237,14 +237,14 @@ METHODS: dict[str, MethodSpec] = {
     spec.name: spec
     for spec in (
         MethodSpec(
-            "rtn", "round to nearest (no calibration)", lambda s, o: RTNConfig(s, bool(o.get("mse_clip")))
+            "rtn", "round to nearest (no calibration)", lambda s, o: RTNConfig(s, o.get("grid") or "minmax")
         ),
         MethodSpec("gptq", "GPTQ Hessian-based rounding", _gptq_from),
         MethodSpec(
             "awq",
             "AWQ activation-aware scaling, then round to nearest",
             lambda s, o: _awq_from(
-                s, o, RTNConfig(s, bool(o.get("mse_clip"))) if o.get("mse_clip") else None
+                s, o, RTNConfig(s, o["grid"]) if o.get("grid") not in (None, "minmax") else None
             ),
             natural_format=lambda s: "awq",
             default_sym=False,

@@ -85,7 +85,7 @@ def test_header_has_the_hub_metadata() -> None:
 
 def test_unknown_facts_are_left_out_not_invented() -> None:
     facts = _facts(base_model=None, license=None, bytes_before=None, calibration=None, method="rtn")
-    facts.update(method_config={"mse_clip": False}, modules=[{"name": "m", "loss": None, "damp": None}])
+    facts.update(method_config={"grid": "minmax"}, modules=[{"name": "m", "loss": None, "damp": None}])
     text = card.render_card(facts)
     header = _header(text)
     assert "base_model" not in header and "base_model_relation" not in header and "license" not in header

@@ -142,7 +142,7 @@ def test_calibration_rejects_seqlen_below_two(seqlen):
 NON_DEFAULT_CONFIGS = [
     QuantScheme(bits=3, group_size=None, sym=False),
     QuantScheme(bits=8, group_size=32, sym=True),
-    RTNConfig(scheme=QuantScheme(bits=2, group_size=64, sym=False), mse_clip=True),
+    RTNConfig(scheme=QuantScheme(bits=2, group_size=64, sym=False), grid="mse"),
     GPTQConfig(
         scheme=QuantScheme(bits=3, group_size=None, sym=False),
         damp=0.1,
@@ -150,7 +150,7 @@ NON_DEFAULT_CONFIGS = [
         act_order=True,
         static_groups=True,
         true_sequential=False,
-        mse_clip=True,
+        grid="search",
     ),
     AWQConfig(scheme=QuantScheme(bits=4, group_size=32, sym=True), n_grid=7, duo_scaling=False, clip=False),
     CalibrationConfig(source="/tmp/x.jsonl", n_samples=3, seqlen=17, seed=5, text_field="content"),
@@ -258,7 +258,7 @@ def test_method_config_from_dict_requires_method():
     ("cfg", "name", "value"),
     [
         (QuantScheme(), "bits", 8),
-        (RTNConfig(), "mse_clip", True),
+        (RTNConfig(), "grid", "search"),
         (GPTQConfig(), "damp", 0.5),
         (AWQConfig(), "n_grid", 3),
         (CalibrationConfig(), "n_samples", 1),

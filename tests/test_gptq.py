@@ -70,14 +70,15 @@ def test_identity_hessian_equals_rtn(bits, sym, group_size, k):
     assert result.fallback is None and result.damp == 0.01 and result.dead_columns == 0
 
 
+@pytest.mark.parametrize("grid", ["mse", "search"])
 @pytest.mark.parametrize("act_order", [False, True])
-def test_identity_hessian_equals_rtn_with_mse_clip(act_order):
+def test_identity_hessian_equals_rtn_with_a_searched_grid(act_order, grid):
     scheme = QuantScheme(3, 32, sym=False)
     W = random_weight(24, 101, seed=1)
     result = gptq_quantize(
-        W, torch.eye(101), GPTQConfig(scheme, mse_clip=True, act_order=act_order, static_groups=False)
+        W, torch.eye(101), GPTQConfig(scheme, grid=grid, act_order=act_order, static_groups=False)
     )
-    assert result.weight.equal(quantize_weight(W, scheme, mse=True))
+    assert result.weight.equal(quantize_weight(W, scheme, grid=grid))
 
 
 # 2. blocked == naive column-by-column reference (float64 removes rounding ties) -----------------------
@@ -134,14 +135,15 @@ def test_gptq_beats_rtn_on_correlated_activations(problem32, sym, group_size, ac
     assert result.hessian_error == pytest.approx(hessian_weighted_error(W, result.weight.dequantize(), H))
 
 
+@pytest.mark.parametrize("grid", ["mse", "search"])
 @pytest.mark.parametrize("sym", [True, False])
-def test_mse_clip_not_worse_than_rtn(problem32, sym):
+def test_searched_grid_gptq_not_worse_than_rtn(problem32, sym, grid):
     W, H = problem32
     scheme = QuantScheme(3, 32, sym)
-    result = gptq_quantize(W, H, GPTQConfig(scheme, mse_clip=True))
-    for mse in (False, True):
+    result = gptq_quantize(W, H, GPTQConfig(scheme, grid=grid))
+    for rtn_grid in ("minmax", grid):
         assert result.hessian_error < hessian_weighted_error(
-            W, quantize_weight(W, scheme, mse=mse).dequantize(), H
+            W, quantize_weight(W, scheme, grid=rtn_grid).dequantize(), H
         )
 
 

@@ -18,10 +18,12 @@ from llmquant.grid import (
     group_qparams,
     qparams_from_range,
     quantize_weight,
+    round_to_grid,
 )
 from llmquant.qtensor import QuantizedWeight
 
 BITS = [2, 3, 4, 8]
+GRID_NAMES = ("minmax", "mse", "search")
 
 
 def _w(n, k, seed, dist="normal"):
@@ -234,12 +236,12 @@ def test_ragged_last_group_mse_excludes_padding(sym):
     w = torch.randn(8, 576, generator=g) * 0.1
     w[:, -1] = 1.0
     scheme = QuantScheme(4, 128, sym)
-    s_full, z_full = compute_qparams(w, scheme, mse=True)
-    s_own, z_own = compute_qparams(w[:, 512:], QuantScheme(4, None, sym), mse=True)
+    s_full, z_full = compute_qparams(w, scheme, grid="mse")
+    s_own, z_own = compute_qparams(w[:, 512:], QuantScheme(4, None, sym), grid="mse")
     assert torch.equal(s_full[:, 4:], s_own) and torch.equal(z_full[:, 4:], z_own)
     # and the padding-counting alternative gives something different (so this test has teeth)
     wg = torch.cat([w[:, 512:], w[:, -1:].expand(8, 64)], 1)
-    s_pad, _ = group_qparams(wg, 4, sym, mse=True)
+    s_pad, _ = group_qparams(wg, 4, sym, grid="mse")
     assert not torch.equal(s_pad[:, 0].half(), s_own[:, 0])
 
 
@@ -258,12 +260,12 @@ def test_per_channel_is_one_group_of_k(bits, sym):
 
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("sym", [True, False])
-@pytest.mark.parametrize("mse", [False, True])
-def test_all_zero_rows_and_groups_dequantize_to_exact_zeros(bits, sym, mse):
+@pytest.mark.parametrize("grid", ["minmax", "mse", "search"])
+def test_all_zero_rows_and_groups_dequantize_to_exact_zeros(bits, sym, grid):
     w = _w(6, 96, seed=8)
     w[2] = 0.0  # whole row
     w[4, 32:64] = 0.0  # one group
-    qw = quantize_weight(w, QuantScheme(bits, 32, sym), mse=mse)
+    qw = quantize_weight(w, QuantScheme(bits, 32, sym), grid=grid)
     out = qw.dequantize()
     assert not bool(out.isnan().any() or out.isinf().any())
     assert bool((out[2] == 0).all()) and bool((out[4, 32:64] == 0).all())
@@ -296,7 +298,7 @@ def test_mse_never_worse_than_minmax_per_group(bits, sym):
     w = _w(4, 576, seed=9)
     scheme = QuantScheme(bits, 64, sym)
     e_mm = _group_err(w, quantize_weight(w, scheme), 64)
-    e_mse = _group_err(w, quantize_weight(w, scheme, mse=True), 64)
+    e_mse = _group_err(w, quantize_weight(w, scheme, grid="mse"), 64)
     # float32 search vs float64 re-evaluation: allow 1e-5 relative for near-ties
     assert bool((e_mse <= e_mm * (1 + 1e-5)).all())
     if bits < 8:  # on Gaussian weights 8-bit min-max is already optimal; lower widths gain
@@ -310,7 +312,7 @@ def test_mse_strictly_improves_heavy_tailed_groups(sym):
     w = torch.randn(8, 256, generator=g)
     w[:, ::64] = 6.0
     scheme = QuantScheme(3, 64, sym)
-    mm, ms = quantize_weight(w, scheme), quantize_weight(w, scheme, mse=True)
+    mm, ms = quantize_weight(w, scheme), quantize_weight(w, scheme, grid="mse")
     e_mm, e_mse = _group_err(w, mm, 64), _group_err(w, ms, 64)
     assert bool((e_mse <= e_mm * (1 + 1e-5)).all())
     assert float(e_mse.sum()) < 0.9 * float(e_mm.sum())
@@ -323,7 +325,7 @@ def test_mse_matches_brute_force_shrink_search(weighted):
     w = _w(8, 128, seed=11)
     imp = torch.rand(128, generator=torch.Generator().manual_seed(11)) ** 4 * 100 if weighted else None
     scheme = QuantScheme(4, 32, False)
-    ms = quantize_weight(w, scheme, mse=True, importance=imp)
+    ms = quantize_weight(w, scheme, grid="mse", importance=imp)
     got = _group_err(w, ms, 32, imp)
     best = torch.full_like(got, float("inf"))
     wg = w.reshape(8, 4, 32)
@@ -344,10 +346,10 @@ def test_importance_pulls_the_choice_toward_important_columns():
     w = torch.randn(8, 64, generator=g) * 0.2
     w[:, 7] = 3.0  # an outlier the uniform search prefers to clip
     scheme = QuantScheme(4, 64, False)
-    uni = quantize_weight(w, scheme, mse=True)
+    uni = quantize_weight(w, scheme, grid="mse")
     imp = torch.ones(64)
     imp[7] = 1e4
-    wtd = quantize_weight(w, scheme, mse=True, importance=imp)
+    wtd = quantize_weight(w, scheme, grid="mse", importance=imp)
     # uniform search clips the outlier; the weighted search clips it less (never more)
     assert bool((uni.scales <= wtd.scales).all()) and bool((uni.scales < wtd.scales).any())
     # each search is optimal for its own objective
@@ -367,17 +369,99 @@ def test_importance_pulls_the_choice_toward_important_columns():
 def test_importance_none_equals_uniform_importance():
     w = _w(8, 200, seed=13)
     scheme = QuantScheme(3, 64, True)
-    a = compute_qparams(w, scheme, mse=True)
-    b = compute_qparams(w, scheme, mse=True, importance=torch.full((200,), 2.0))
+    a = compute_qparams(w, scheme, grid="mse")
+    b = compute_qparams(w, scheme, grid="mse", importance=torch.full((200,), 2.0))
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
-def test_importance_without_mse_is_ignored():
+def test_importance_without_a_search_is_ignored():
     w = _w(8, 128, seed=14)
     scheme = QuantScheme(4, 32, False)
     a = compute_qparams(w, scheme)
     b = compute_qparams(w, scheme, importance=torch.rand(128))
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+# ---------------------------------------------------------------------------------- "search" grid
+
+
+def _sq_err(w: torch.Tensor, qw: QuantizedWeight, gs: int, importance=None) -> torch.Tensor:
+    """float64 importance-weighted squared error per group [N, G] (the "search" objective)."""
+    e = (w.double() - qw.dequantize().double()) ** 2
+    if importance is not None:
+        e = e * importance.double()
+    pad = (-w.shape[1]) % gs
+    return torch.nn.functional.pad(e, (0, pad)).reshape(w.shape[0], -1, gs).sum(-1)
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("sym", [True, False])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_search_never_worse_than_minmax_or_mse_per_group(bits, sym, weighted):
+    w = _w(16, 576, seed=21)
+    imp = torch.rand(576, generator=torch.Generator().manual_seed(21)) ** 3 * 10 if weighted else None
+    scheme = QuantScheme(bits, 64, sym)
+    e = {g: _sq_err(w, quantize_weight(w, scheme, grid=g, importance=imp), 64, imp) for g in GRID_NAMES}
+    assert bool((e["search"] <= e["minmax"] * (1 + 1e-5)).all())  # min-max is one of its candidates
+    if bits < 8:
+        assert float(e["search"].sum()) < float(e["minmax"].sum())
+        assert float(e["search"].sum()) < float(e["mse"].sum())  # a wider family, the squared error
+
+
+@pytest.mark.parametrize("sym", [True, False])
+def test_search_beats_a_brute_force_of_the_mse_family(sym):
+    # every single-ratio shrink p in {1, 0.995, ..., 0.5}, scored in float64 with the squared error:
+    # "search" includes a superset of these ranges (asym: both ends shrunk independently), so per group
+    # it must be at least as good as the best of them, up to its coarse-to-fine stepping
+    w = _w(8, 256, seed=22)
+    imp = torch.rand(256, generator=torch.Generator().manual_seed(22)) * 4
+    scheme = QuantScheme(3, 64, sym)
+    got = _sq_err(w, quantize_weight(w, scheme, grid="search", importance=imp), 64, imp)
+    best = torch.full_like(got, float("inf"))
+    for i in range(101):
+        p = 1 - i / 200
+        wg = w.reshape(8, 4, 64)
+        s, z = qparams_from_range(p * wg.amin(-1, keepdim=True), p * wg.amax(-1, keepdim=True), 3, sym)
+        q = round_to_grid(wg, s, z, 3)
+        e = ((wg.double() - (s * (q - z)).double()) ** 2 * imp.double().reshape(4, 64)).sum(-1)
+        best = torch.minimum(best, e)
+    assert float(got.sum()) <= float(best.sum()) * 1.001
+    assert bool((got <= best * 1.05).all())
+
+
+def test_search_sym_uses_the_minus_eight_level_of_a_negative_extreme():
+    # a group whose largest magnitude is negative: min-max (absmax / 7.5) wastes the -8 code; the
+    # tight scale (|min| / 8) puts the extreme exactly on it and represents the group without clipping
+    w = torch.tensor([[-8.0, 7.0, 3.0, -1.0, 1.0, 2.0, -5.0, 6.0]])
+    scheme = QuantScheme(4, 8, True)
+    qw = quantize_weight(w, scheme, grid="search")
+    assert float(qw.scales[0, 0]) == 1.0 and int(qw.codes.min()) == 0
+    assert torch.equal(qw.dequantize(), w)
+    mm = quantize_weight(w, scheme)
+    assert float(_sq_err(w, mm, 8).sum()) > 0
+
+
+def test_search_scales_are_stored_exactly_and_zeros_in_range():
+    w = _w(32, 200, seed=23) * 0.02
+    for sym in (True, False):
+        for bits in BITS:
+            qw = quantize_weight(w, QuantScheme(bits, 64, sym), grid="search")
+            assert qw.scales.dtype == torch.float16 and bool((qw.scales.float() >= MIN_SCALE).all())
+            assert int(qw.zeros.max()) <= (1 << bits) - 1
+            # what is stored reproduces the in-memory codes: re-rounding with the stored grid
+            s = qw.scales.float().repeat_interleave(64, 1)[:, :200]
+            z = qw.zeros.float().repeat_interleave(64, 1)[:, :200]
+            assert torch.equal(round_to_grid(w, s, z, bits).to(torch.uint8), qw.codes)
+
+
+def test_search_ragged_last_group_excludes_padding():
+    g = torch.Generator().manual_seed(24)
+    w = torch.randn(8, 576, generator=g) * 0.1
+    w[:, -1] = 1.0
+    for sym in (True, False):
+        full = compute_qparams(w, QuantScheme(4, 128, sym), grid="search")
+        own = compute_qparams(w[:, 512:], QuantScheme(4, None, sym), grid="search")
+        assert torch.equal(full[0][:, 4:], own[0]) and torch.equal(full[1][:, 4:], own[1])
 
 
 # ---------------------------------------------------------------------------------- idempotency
@@ -450,7 +534,7 @@ def test_sym_second_pass_changes_scale_as_explained(bits):
     assert bool((q2.scales != q1.scales).all())
 
 
-@pytest.mark.parametrize("mse", [False, True])
+@pytest.mark.parametrize("grid", GRID_NAMES)
 @pytest.mark.parametrize(
     "scheme",
     [
@@ -460,6 +544,8 @@ def test_sym_second_pass_changes_scale_as_explained(bits):
         QuantScheme(2, 7, True),
     ],
 )
-def test_fake_quantize_equals_quantize_then_dequantize(scheme: QuantScheme, mse: bool) -> None:
+def test_fake_quantize_equals_quantize_then_dequantize(scheme: QuantScheme, grid: str) -> None:
     w = torch.randn(9, 50) * torch.rand(50) * 3
-    assert torch.equal(fake_quantize(w, scheme, mse=mse), quantize_weight(w, scheme, mse=mse).dequantize())
+    assert torch.equal(
+        fake_quantize(w, scheme, grid=grid), quantize_weight(w, scheme, grid=grid).dequantize()
+    )

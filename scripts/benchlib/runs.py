@@ -43,14 +43,17 @@ class RunSpec:
     sym: bool = True
     act_order: bool = True  # llmquant's GPTQ defaults (ignored by rtn)
     static_groups: bool = True
-    mse_clip: bool = False
+    grid: str = "minmax"  # the rounder's grid (llmquant.grid.GRIDS)
     bits: int = 4
     search_samples: int | None = None  # AWQ: sequences replayed per scale candidate (None: default, 8)
+    fmt: str | None = None  # the checkpoint format, when not the method's natural one
 
     @property
     def format(self) -> str | None:
         if self.method == "float":
             return None
+        if self.fmt is not None:
+            return self.fmt
         divides = self.group_size is not None and 576 % self.group_size == 0  # SmolLM2's K: 576, 1536
         if self.method.startswith("awq") and self.bits == 4 and divides:
             return "awq"  # AutoAWQ GEMM needs every K divisible by the group size
@@ -70,8 +73,8 @@ class RunSpec:
                 if self.act_order
                 else "natural order"
             )
-        if self.mse_clip:
-            parts.append("mse_clip")
+        if self.grid != "minmax":
+            parts.append(f"grid {self.grid}")
         if self.method in ("gptq", "awq+gptq"):
             parts.append("damp 0.01, true_sequential")
         return ", ".join(parts)
@@ -82,17 +85,17 @@ class RunSpec:
 
         scheme = QuantScheme(bits=self.bits, group_size=self.group_size, sym=self.sym)
         if self.method.startswith("awq"):
-            rounder = GPTQConfig(scheme=scheme) if self.method == "awq+gptq" else None
+            rounder = GPTQConfig(scheme=scheme, grid=self.grid) if self.method == "awq+gptq" else None
             extra = {"search_samples": self.search_samples} if self.search_samples else {}
             cfg = AWQConfig(scheme=scheme, rounder=rounder, **extra)
         elif self.method == "rtn":
-            cfg = RTNConfig(scheme=scheme, mse_clip=self.mse_clip)
+            cfg = RTNConfig(scheme=scheme, grid=self.grid)
         elif self.method == "gptq":
             cfg = GPTQConfig(
                 scheme=scheme,
                 act_order=self.act_order,
                 static_groups=self.static_groups,
-                mse_clip=self.mse_clip,
+                grid=self.grid,
             )
         else:
             raise ValueError(f"run {self.id} has no quantizer config")
@@ -110,7 +113,12 @@ RUNS: list[RunSpec] = [
     RunSpec("gptq-g128-sym", "gptq", 128, True),
     RunSpec("gptq-g128-asym", "gptq", 128, False),
     RunSpec("gptq-g64-sym-noao", "gptq", 64, True, act_order=False, static_groups=False),
-    RunSpec("gptq-g64-asym-mse", "gptq", 64, False, mse_clip=True),
+    RunSpec("gptq-g64-asym-mse", "gptq", 64, False, grid="mse"),
+    RunSpec("rtn-g64-sym-search", "rtn", 64, True, grid="search"),
+    RunSpec("rtn-g64-asym-search", "rtn", 64, False, grid="search"),
+    RunSpec("gptq-g64-sym-search", "gptq", 64, True, grid="search"),
+    RunSpec("gptq-g64-asym-search", "gptq", 64, False, grid="search"),
+    RunSpec("gptq-g64-sym-mse", "gptq", 64, True, grid="mse"),
     RunSpec("awq-g64-asym", "awq", 64, False),
     RunSpec("awq-g64-sym", "awq", 64, True),
     RunSpec("awq-g128-asym", "awq", 128, False),
@@ -121,6 +129,9 @@ RUNS: list[RunSpec] = [
     RunSpec("awq+gptq-g64-sym", "awq+gptq", 64, True),
     RunSpec("awq+gptq-g128-asym", "awq+gptq", 128, False),
     RunSpec("awq+gptq-g128-sym", "awq+gptq", 128, True),
+    RunSpec("awq+gptq-g64-sym-gptqfmt", "awq+gptq", 64, True, fmt="gptq"),
+    RunSpec("awq+gptq-g64-sym-search", "awq+gptq", 64, True, grid="search", fmt="gptq"),
+    RunSpec("awq+gptq-g64-asym-search", "awq+gptq", 64, False, grid="search"),
 ]
 RUNS_BY_ID = {r.id: r for r in RUNS}
 QUICK_RUNS = ["float16", "rtn-g64-asym", "gptq-g64-sym"]
