@@ -28,6 +28,7 @@ SEARCH_MIN_RATIO = 0.2  # "search": ranges shrunk down to a fifth of the min-max
 SEARCH_COARSE = 11  # asym: ratios 1.0, 0.92, ..., 0.2 for each end of the range (11 x 11 pairs) ...
 SEARCH_FINE = ((-0.04, -0.02, 0.0, 0.02, 0.04), (-0.01, 0.0, 0.01))  # ... then offsets around the best
 SEARCH_SYM = 81  # sym: scale ratios 1.0, 0.99, ..., 0.2 of the tight scale (plus the min-max one)
+SEARCH_NORM = 3.0  # the error's exponent: sum(importance * |w - w_hat|**SEARCH_NORM) (module docstring)
 SEARCH_REFINE = 2  # least-squares refits of scale (and zero) for the chosen codes, kept where better
 
 
@@ -159,7 +160,9 @@ class _Best:
 
     def _error(self, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
         q = round_to_grid(self.w, scale, zero, self.bits)
-        return (dequantize_codes(q, scale, zero).sub_(self.w).square_().mul_(self.imp)).sum(-1, keepdim=True)
+        err = dequantize_codes(q, scale, zero).sub_(self.w).abs_()
+        err = err.square_() if SEARCH_NORM == 2.0 else err.pow_(SEARCH_NORM)
+        return err.mul_(self.imp).sum(-1, keepdim=True)
 
     def offer(self, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor | None:
         """Keep (scale, zero) where they lower the error; the mask of those rows, or None if none."""
