@@ -221,6 +221,11 @@ def check_source(config: CalibrationConfig) -> None:
     if source == SYNTHETIC or source in list_recipes():
         return
     path = Path(source).expanduser()
+    if path.is_dir():
+        raise CalibrationError(
+            f"calibration source {path} is a directory; pass a text file (.txt, .jsonl, .json, .parquet), "
+            f"a recipe ({', '.join(list_recipes())}) or {SYNTHETIC!r}"
+        )
     if not path.is_file():
         raise CalibrationError(
             f"calibration source {source!r} is not a recipe ({', '.join(list_recipes())}), "

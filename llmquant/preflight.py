@@ -136,7 +136,9 @@ def check_output(out_dir: str | os.PathLike[str], *, overwrite: bool) -> None:
     parent = out.absolute().parent
     while not parent.exists():
         parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+    if not parent.is_dir():
+        raise OutputNotWritableError(f"cannot write the output {out}: {parent} is a file, not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
         raise OutputNotWritableError(f"cannot write the output {out}: {parent} is not writable")
 
 

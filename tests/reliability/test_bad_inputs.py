@@ -136,6 +136,11 @@ def test_calibration_path_missing(capsys, tiny_checkpoint, tmp_path) -> None:
     assert f"no file exists at {tmp_path / 'no.txt'}" in line
 
 
+def test_calibration_path_is_a_directory(capsys, tiny_checkpoint, tmp_path) -> None:
+    line = _one_line_error(capsys, *_gptq(tiny_checkpoint, tmp_path / "out", tmp_path))
+    assert f"calibration source {tmp_path} is a directory; pass a text file" in line
+
+
 def test_seqlen_beyond_context(capsys, tiny_checkpoint, calib_text_file, tmp_path) -> None:
     argv = _gptq(tiny_checkpoint, tmp_path / "out", calib_text_file)
     argv[argv.index("--seqlen") + 1] = "4096"
@@ -160,7 +165,15 @@ def test_output_not_writable(capsys, tiny_checkpoint, tmp_path) -> None:
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
     line = _one_line_error(capsys, *_rtn(tiny_checkpoint, blocker / "out"))
-    assert f"cannot write the output {blocker / 'out'}: {blocker} is not writable" in line
+    assert f"cannot write the output {blocker / 'out'}: {blocker} is a file, not a directory" in line
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes anywhere")
+def test_output_parent_without_write_permission(capsys, tiny_checkpoint, tmp_path) -> None:
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    line = _one_line_error(capsys, *_rtn(tiny_checkpoint, locked / "out"))
+    assert f"cannot write the output {locked / 'out'}: {locked} is not writable" in line
 
 
 def test_not_enough_disk(capsys, tiny_checkpoint, tmp_path, monkeypatch) -> None:
