@@ -57,6 +57,16 @@ class _HelpFormatter(argparse.HelpFormatter):
         return f"{text} (default: %(default)s)"
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _group_size(text: str) -> int | None:
     if text.lower() in {"none", "-1", "channel", "per-channel"}:
         return None
@@ -186,11 +196,13 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
         "minimizing the L2.4 error), search (the scale/zero minimizing the Hessian-diagonal-weighted "
         "squared error) (default: the method's own)",
     )
-    p.add_argument("--mse-clip", dest="grid", action="store_const", const="mse", help="same as --grid mse")
+    p.add_argument(
+        "--mse-clip", dest="grid", action="store_const", const="mse", help="same as --grid mse (default: off)"
+    )
     _add_calibration_options(p)
     _add_awq_options(p)
     p.add_argument("--device", default=None, help="compute device (default: cuda if available, else cpu)")
-    p.add_argument("--batch-size", type=int, default=8, help="calibration sequences per forward")
+    p.add_argument("--batch-size", type=_positive_int, default=8, help="calibration sequences per forward")
     p.add_argument(
         "--base-model", default=None, help="hub id the model card names as the base model (default: none)"
     )
@@ -206,8 +218,10 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_quantize)
 
 
-def _cmd_quantize(args: argparse.Namespace) -> int:
-    from .api import quantize_checkpoint
+def quantize_configs(args: argparse.Namespace):
+    """The method and calibration configs ``llmquant quantize`` runs with for parsed ``args`` (fills in
+    ``args.sym`` from the method when neither --sym nor --asym was given). Also used by scripts/demo.py,
+    so the demo shows exactly the command's defaults."""
     from .config import CalibrationConfig, QuantScheme
     from .methods import METHODS, build_method_config
 
@@ -222,6 +236,13 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         seed=args.seed,
         text_field=args.text_field,
     )
+    return config, calib
+
+
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    from .api import quantize_checkpoint
+
+    config, calib = quantize_configs(args)
     if args.dry_run:
         return _print_plan(args, config, calib)
     t0 = time.perf_counter()
@@ -317,12 +338,15 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
         "--include-path", default=None, help="folder of extra lm-eval task YAML files (default: none)"
     )
     p.add_argument(
-        "--limit", type=int, default=None, help="lm-eval: first N documents of each task (default: all)"
+        "--limit",
+        type=_positive_int,
+        default=None,
+        help="lm-eval: first N documents of each task (default: all)",
     )
     p.add_argument(
-        "--windows", type=int, default=None, help="evaluate only the first N windows (default: all)"
+        "--windows", type=_positive_int, default=None, help="evaluate only the first N windows (default: all)"
     )
-    p.add_argument("--seqlen", type=int, default=2048, help="tokens per evaluation window")
+    p.add_argument("--seqlen", type=_positive_int, default=2048, help="tokens per evaluation window")
     p.add_argument(
         "--base", default=None, help="float checkpoint to compare against (perplexity + KL; default: none)"
     )

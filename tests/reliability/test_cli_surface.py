@@ -18,6 +18,10 @@ from llmquant.cli import build_parser, main
         (["quantize", "M", "-o", "O", "--bits", "5"], "argument --bits: invalid choice: 5"),
         (["quantize", "M", "-o", "O", "--group-size", "0"], "--group-size must be positive"),
         (["frobnicate"], "invalid choice: 'frobnicate'"),
+        (["eval", "C", "--text", "T", "--windows", "0"], "argument --windows: must be at least 1, got 0"),
+        (["eval", "C", "--text", "T", "--seqlen", "x"], "argument --seqlen: expected a positive integer"),
+        (["quantize", "M", "-o", "O", "--batch-size", "-1"], "argument --batch-size: must be at least 1"),
+        (["quantize", "M", "-o", "O", "--grid", "best"], "argument --grid: invalid choice: 'best'"),
         ([], "the following arguments are required: COMMAND"),
     ],
 )
