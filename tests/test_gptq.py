@@ -62,7 +62,7 @@ def damped(H: torch.Tensor, damp: float) -> torch.Tensor:
 def test_identity_hessian_equals_rtn(bits, sym, group_size, k):
     scheme = QuantScheme(bits, group_size, sym)
     W = random_weight(24, k, seed=bits * 7 + k)
-    result = gptq_quantize(W, torch.eye(k), GPTQConfig(scheme, block_size=16))
+    result = gptq_quantize(W, torch.eye(k), GPTQConfig(scheme, block_size=16, grid="minmax"))
     rtn = quantize_weight(W, scheme)
     assert torch.equal(result.weight.codes, rtn.codes)
     assert torch.equal(result.weight.scales, rtn.scales)
@@ -96,7 +96,9 @@ def problem64():
 @pytest.mark.parametrize("scheme", [QuantScheme(4, 16, sym=False), QuantScheme(3, None, sym=True)])
 def test_blocked_matches_naive_reference(problem64, block_size, act_order, scheme):
     W, H = problem64
-    config = GPTQConfig(scheme, block_size=block_size, act_order=act_order, static_groups=False)
+    config = GPTQConfig(
+        scheme, block_size=block_size, act_order=act_order, static_groups=False, grid="minmax"
+    )
     result = gptq_quantize(W, H, config)
     codes, Q = naive_gptq(W, H, scheme, config.damp, act_order)
     assert torch.equal(result.weight.codes, codes.to(torch.uint8))
@@ -171,7 +173,7 @@ def test_act_order_g_idx_is_permutation_derived(k):
 def test_static_groups_trivial_g_idx_and_upfront_grids(problem32):
     W, H = problem32
     scheme = QuantScheme(4, 32, sym=False)
-    result = gptq_quantize(W, H, GPTQConfig(scheme, act_order=True, static_groups=True))
+    result = gptq_quantize(W, H, GPTQConfig(scheme, act_order=True, static_groups=True, grid="minmax"))
     assert result.weight.has_trivial_g_idx()
     scales, zeros = compute_qparams(W, scheme)  # grids from the unpermuted weight, contiguous groups
     assert torch.equal(result.weight.scales, scales) and torch.equal(result.weight.zeros, zeros)
@@ -181,7 +183,9 @@ def test_static_groups_trivial_g_idx_and_upfront_grids(problem32):
 def test_static_groups_identity_hessian_equals_rtn():
     scheme = QuantScheme(4, 32, sym=True)
     W = random_weight(8, 100, seed=11)
-    result = gptq_quantize(W, torch.eye(100), GPTQConfig(scheme, act_order=True, static_groups=True))
+    result = gptq_quantize(
+        W, torch.eye(100), GPTQConfig(scheme, act_order=True, static_groups=True, grid="minmax")
+    )
     assert result.weight.equal(quantize_weight(W, scheme))
 
 
@@ -190,7 +194,7 @@ def test_static_groups_identity_hessian_equals_rtn():
 
 def test_rank_deficient_hessian_quantizes_at_default_damp():
     W, H = random_weight(16, 96, seed=12), correlated_hessian(96, 40, seed=13)  # 40 tokens < K
-    result = gptq_quantize(W, H, GPTQConfig(QuantScheme(4, 32)))
+    result = gptq_quantize(W, H, GPTQConfig(QuantScheme(4, 32), grid="minmax"))
     assert result.fallback is None and result.damp == 0.01
     assert result.hessian_error < hessian_weighted_error(
         W, quantize_weight(W, QuantScheme(4, 32)).dequantize(), H
@@ -215,7 +219,7 @@ def test_unusable_hessian_falls_back_to_rtn_with_warning(caplog, bad):
         bad
     ]
     with caplog.at_level(logging.WARNING, logger="llmquant.gptq"):
-        result = gptq_quantize(W, H, GPTQConfig(scheme))
+        result = gptq_quantize(W, H, GPTQConfig(scheme, grid="minmax"))
     assert result.fallback == "rtn"
     assert result.weight.equal(quantize_weight(W, scheme))
     assert any("falling back to RTN" in r.getMessage() for r in caplog.records)
