@@ -314,26 +314,30 @@ def encode_prompts(ckpt: Path) -> list[list[int]]:
 
 
 class Reference:
-    """``llmquant.from_pretrained`` of a checkpoint in a dtype, loaded once and kept."""
+    """``llmquant.from_pretrained`` of a checkpoint in a dtype, loaded once and kept.
 
-    _cache: dict[tuple[str, str], Reference] = {}
+    ``weights``: a dtype the dequantized weights are rounded to first (``"float16"``: what a client that
+    decompresses into the checkpoint's scale dtype holds, e.g. compressed-tensors ``dequantize=True``);
+    None keeps them exact."""
 
-    def __init__(self, ckpt: Path, dtype: str, probe: list[int]) -> None:
+    _cache: dict[tuple[str, str, str | None], Reference] = {}
+
+    def __init__(self, ckpt: Path, dtype: str, probe: list[int], weights: str | None = None) -> None:
         import llmquant
 
         self.model = llmquant.from_pretrained(ckpt, dtype=getattr(torch, dtype), progress=False)
         plain = self.logits(probe)
-        memoize_dequantized(self.model)
-        if not torch.equal(self.logits(probe), plain):  # the cache must not change a single bit
+        memoize_dequantized(self.model, None if weights is None else getattr(torch, weights))
+        if weights is None and not torch.equal(self.logits(probe), plain):  # must not change a bit
             raise RuntimeError("memoized QuantLinear forward differs from llmquant's reference path")
 
     @classmethod
-    def get(cls, ckpt: Path, dtype: str, probe: list[int]) -> Reference:
-        key = (str(ckpt), dtype)
+    def get(cls, ckpt: Path, dtype: str, probe: list[int], weights: str | None = None) -> Reference:
+        key = (str(ckpt), dtype, weights)
         if key not in cls._cache:
             for other in [k for k in cls._cache if k[0] != key[0]]:  # one checkpoint at a time
                 del cls._cache[other]
-            cls._cache[key] = cls(ckpt, dtype, probe)
+            cls._cache[key] = cls(ckpt, dtype, probe, weights)
         return cls._cache[key]
 
     @torch.no_grad()
@@ -361,10 +365,11 @@ class Reference:
         return steps
 
 
-def memoize_dequantized(model: torch.nn.Module) -> None:
+def memoize_dequantized(model: torch.nn.Module, weights: torch.dtype | None = None) -> None:
     """Dequantize every QuantLinear once and reuse it: the CPU reference path (``quant_matmul_ref``)
     redoes it on every call, which makes 100 greedy steps of 210 linears slow. Same math: W rounded to
-    the activation dtype (once per dtype), x[perm] @ W in float32, + bias, cast back."""
+    the activation dtype (once per dtype), x[perm] @ W in float32, + bias, cast back. ``weights``: round
+    W to that dtype first (see ``Reference``)."""
     from llmquant.kernels.layout import dequantize_ref
 
     from llmquant.nn import QuantLinear
@@ -376,6 +381,8 @@ def memoize_dequantized(model: torch.nn.Module) -> None:
         w = dequantize_ref(
             module.qweight, module.scales, module.zeros, module.bits, module.effective_group_size, k
         )  # float32 [K, N]
+        if weights is not None:
+            w = w.to(weights).float()
 
         rounded: dict[torch.dtype, torch.Tensor] = {}  # W rounded to each activation dtype, as float32
 
@@ -399,8 +406,13 @@ def compare(row: Row, result: dict, ref: Reference, prompts: list[list[int]]) ->
     Below float32 the bar is our own rounding: the client may differ from llmquant in ``dtype`` by at
     most twice as much as llmquant in ``dtype`` differs from llmquant in float32 on the same inputs
     (the "noise floor"). An argmax may differ only where our top-1/top-2 margin is within that noise.
+    In ``dequantize`` mode the client holds dense weights rounded to float16 (compressed-tensors
+    decompresses into the scale dtype: its weights equal ours rounded to float16, bit for bit), so the
+    floor is llmquant with its weights rounded to float16 against llmquant exact, in the row's dtype.
     """
     fp32 = Reference.get(Path(row.path), "float32", prompts[0]) if row.dtype != "float32" else None
+    if row.mode == "dequantize":  # the client decompresses into float16 weights: that rounding is the floor
+        fp32 = Reference.get(Path(row.path), row.dtype, prompts[0], weights="float16")
     worst, worst_abs, floor, hard, total, soft = 0.0, 0.0, 0.0, 0, 0, 0
     for i, prompt in enumerate(prompts):
         seq = prompt if "logits" in result else (prompt + result["generated"][i])[:-1]
@@ -543,7 +555,10 @@ def write_doc(path: Path, rows: list[Row], table: str, clients: list[Client], ar
         "sequence); `ok` needs that at most twice our noise floor (llmquant in the row's dtype vs llmquant",
         f"in float32 on the same inputs; at least {TOLERANCE['float32']:.0e}), every argmax equal except at",
         "near-ties (our top-2 margin within that noise), no re-initialized or mismatched tensor, and no",
-        f"greedy divergence before token {MIN_IDENTICAL} that is not at a tie (below).",
+        f"greedy divergence before token {MIN_IDENTICAL} that is not at a tie (below). In the `dequantize`",
+        "load mode compressed-tensors decompresses into the checkpoint's float16 (its weights are ours",
+        "rounded to float16, bit for bit), so there the floor is llmquant with its weights rounded to",
+        "float16 vs llmquant exact, both in the row's dtype.",
         "",
         f"Greedy generations: {MAX_NEW_TOKENS} tokens from each prompt, argmax of the raw logits, no EOS",
         "stop, both sides in the row's dtype. `identical` counts the prompts whose tokens all equal ours;",
