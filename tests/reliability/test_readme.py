@@ -37,9 +37,14 @@ def _variants(line: str) -> list[list[str]]:
     variants = [base]
     for group in groups:
         for alt in group.split(" | "):
-            alt = re.sub(r"(--format) (\S+)", lambda m: f"{m[1]} {m[2].split('|')[0]}", alt)
-            variants.append(f"{base} {alt}")
+            # an option's value alternatives (--format a|b, --grid a|b|c): each one on its own
+            variants.extend(f"{base} {choice}" for choice in _value_choices(alt) or [alt])
     return [shlex.split(v)[1:] for v in variants]
+
+
+def _value_choices(alt: str) -> list[str]:
+    m = re.fullmatch(r"(--[\w-]+) (\S*\|\S*)", alt.strip())
+    return [f"{m[1]} {value}" for value in m[2].split("|")] if m else []
 
 
 def test_readme_has_commands_for_every_subcommand() -> None:
