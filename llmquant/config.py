@@ -13,7 +13,7 @@ from typing import Any, ClassVar, TypeVar
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 METHODS = ("rtn", "gptq", "awq", "awq+gptq")
-GRIDS = ("minmax", "mse", "search")  # llmquant.grid.GRIDS: how each group's scale/zero are chosen
+GRIDS = ("minmax", "mse", "search")  # how each group's scale/zero are chosen (llmquant.grid.group_qparams)
 
 T = TypeVar("T", bound="_Config")
 

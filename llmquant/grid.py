@@ -16,11 +16,10 @@ from __future__ import annotations
 
 import torch
 
-from .config import QuantScheme
+from .config import GRIDS, QuantScheme  # GRIDS: how a group's scale/zero are chosen
 from .qtensor import QuantizedWeight
 
 MIN_SCALE = 2.0**-20  # exactly representable in float16 (subnormal); guards all-zero groups
-GRIDS = ("minmax", "mse", "search")  # how a group's scale/zero are chosen (``group_qparams``)
 MSE_GRID = 100
 MSE_MAX_SHRINK = 0.8
 MSE_NORM = 2.4
