@@ -136,7 +136,7 @@ class GPTQConfig(_Config):
         squared input of each column) weighting the error of ``"mse"`` and ``"search"``. Applies to
         static-group and per-channel grids (fixed before the loop) and to dynamic groups alike.
         Default ``"search"``: on SmolLM2-135M w4 g64 sym (128 x 512 c4 tokens, wikitext-2 12 windows)
-        GPTQ scored 24.108 with it against 25.509 with ``"minmax"`` (docs/benchmarks.md), for a few
+        GPTQ scored 24.108 with it against 25.479 with ``"minmax"`` (docs/benchmarks.md), for a few
         seconds more per model.
     """
 
