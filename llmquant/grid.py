@@ -158,10 +158,7 @@ class _Best:
         self.last_better = torch.zeros_like(self.error, dtype=torch.bool)
 
     def _error(self, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-        q = round_to_grid(self.w, scale, zero, self.bits)
-        err = dequantize_codes(q, scale, zero).sub_(self.w).abs_()
-        err = err.square_() if SEARCH_NORM == 2.0 else err.pow_(SEARCH_NORM)
-        return err.mul_(self.imp).sum(-1, keepdim=True)
+        return _grid_error(self.w, scale, zero, self.bits, self.imp, SEARCH_NORM)
 
     def offer(self, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor | None:
         """Keep (scale, zero) where they lower the error; the mask of those rows, or None if none."""
@@ -211,10 +208,16 @@ def _fp16_scale(scale: torch.Tensor) -> torch.Tensor:
 
 
 def _grid_error(
-    w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, importance: torch.Tensor | None
+    w: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    bits: int,
+    importance: torch.Tensor | None,
+    norm: float = MSE_NORM,
 ) -> torch.Tensor:
+    """sum(importance * |w - w_hat|**norm) over the last dim -> [..., 1]."""
     err = (dequantize_codes(round_to_grid(w, scale, zero, bits), scale, zero) - w.float()).abs()
-    err = err.pow(MSE_NORM)
+    err = err.pow(norm)
     if importance is not None:
         err = err * importance
     return err.sum(dim=-1, keepdim=True)

@@ -411,9 +411,11 @@ def compare(row: Row, result: dict, ref: Reference, prompts: list[list[int]]) ->
     decompresses into the scale dtype: its weights equal ours rounded to float16, bit for bit), so the
     floor is llmquant with its weights rounded to float16 against llmquant exact, in the row's dtype.
     """
-    fp32 = Reference.get(Path(row.path), "float32", prompts[0]) if row.dtype != "float32" else None
+    fp32 = None  # what the floor compares our row-dtype logits with
     if row.mode == "dequantize":  # the client decompresses into float16 weights: that rounding is the floor
         fp32 = Reference.get(Path(row.path), row.dtype, prompts[0], weights="float16")
+    elif row.dtype != "float32":
+        fp32 = Reference.get(Path(row.path), "float32", prompts[0])
     worst, worst_abs, floor, hard, total, soft = 0.0, 0.0, 0.0, 0, 0, 0
     for i, prompt in enumerate(prompts):
         seq = prompt if "logits" in result else (prompt + result["generated"][i])[:-1]
