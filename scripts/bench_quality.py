@@ -71,7 +71,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="reuse unchanged checkpoints and per-window results")
     p.add_argument("--peers", action="store_true", help="also run GPTQModel and llm-compressor (slow)")
     p.add_argument(
-        "--peer-names", default=",".join(venvs.PEERS_BY_NAME), help="which peers (comma-separated)"
+        "--peer-names",
+        default=",".join(venvs.DEFAULT_PEER_RUNS),
+        help=f"peer runs (comma-separated run ids or venv names; known: {', '.join(venvs.PEERS_BY_RUN)})",
     )
     p.add_argument(
         "--peers-root", type=Path, default=venvs.DEFAULT_PEERS_ROOT, help="where the peer venvs live"
@@ -109,10 +111,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         p.error(f"unknown run id(s) {unknown}; known: {', '.join(RUNS_BY_ID)}")
     args.run_specs = [RUNS_BY_ID["float16"]] + [RUNS_BY_ID[i] for i in dict.fromkeys(ids) if i != "float16"]
     names = [s.strip() for s in args.peer_names.split(",") if s.strip()]
-    bad = [n for n in names if n not in venvs.PEERS_BY_NAME]
+    known = set(venvs.PEERS_BY_RUN) | {peer.name for peer in venvs.PEERS}
+    bad = [n for n in names if n not in known]
     if bad:
-        p.error(f"unknown peer(s) {bad}; known: {', '.join(venvs.PEERS_BY_NAME)}")
-    args.peer_specs = [venvs.PEERS_BY_NAME[n] for n in names] if (args.peers or args.peer_setup_only) else []
+        p.error(f"unknown peer(s) {bad}; known: {', '.join(venvs.PEERS_BY_RUN)}")
+    args.peer_specs = venvs.select_peers(names) if (args.peers or args.peer_setup_only) else []
     args.calib_file = _repo_path(args.calib_file, DEFAULT_CALIB)
     args.eval_file = _repo_path(args.eval_file, DEFAULT_EVAL)
     return args

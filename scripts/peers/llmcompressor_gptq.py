@@ -1,10 +1,14 @@
-"""llm-compressor GPTQ on the calibration ids written by bench_quality.py (runs in the peer's virtualenv).
+"""llm-compressor GPTQ (or AutoRound) on the calibration ids written by bench_quality.py (peer venv).
 
 Settings as in ``../shared/reference/peer-results.md``: ``GPTQModifier`` with a W4A16 weight scheme,
 symmetric int4, ``strategy=group`` (``--group-size``, 64 by default there), ``actorder`` static, lm_head
 ignored, damp 0.01 (the modifier's default), batch 1. The quantization step timed is ``oneshot()`` on
 an already loaded model; the result is saved with ``save_pretrained(save_compressed=True)``
 (compressed-tensors ``pack-quantized``), which llmquant's ``from_pretrained`` reads.
+
+``--modifier autoround``: llm-compressor's ``AutoRoundModifier`` (auto-round's signed-gradient
+rounding and clipping per decoder layer) with the same weight scheme, its defaults (``--iters`` 200,
+batch 8) and ``enable_torch_compile=False`` (torch.compile has no use on this CPU-only torch).
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ def main() -> int:
     p.add_argument("--actorder", default="static", choices=["static", "group", "weight", "none"])
     p.add_argument("--damp", type=float, default=0.01)
     p.add_argument("--sym", default="true", choices=["true", "false"])
+    p.add_argument("--modifier", default="gptq", choices=["gptq", "autoround"])
+    p.add_argument("--iters", type=int, default=200, help="AutoRound tuning steps per decoder layer")
     p.add_argument("--dtype", default="auto", help="dtype the float model is loaded in (default: as stored)")
     args = p.parse_args()
 
@@ -40,6 +46,7 @@ def main() -> int:
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
     from datasets import Dataset
     from llmcompressor import oneshot
+    from llmcompressor.modifiers.autoround import AutoRoundModifier
     from llmcompressor.modifiers.quantization import GPTQModifier
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -63,11 +70,13 @@ def main() -> int:
         group_size=args.group_size,
         actorder=None if args.actorder == "none" else args.actorder,
     )
-    recipe = GPTQModifier(
-        config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=weights)},
-        ignore=["lm_head"],
-        dampening_frac=args.damp,
-    )
+    groups = {"group_0": QuantizationScheme(targets=["Linear"], weights=weights)}
+    if args.modifier == "autoround":
+        recipe = AutoRoundModifier(
+            config_groups=groups, ignore=["lm_head"], iters=args.iters, enable_torch_compile=False
+        )
+    else:
+        recipe = GPTQModifier(config_groups=groups, ignore=["lm_head"], dampening_frac=args.damp)
     load_before = load_average()
     t0, c0 = time.perf_counter(), cpu_seconds()
     oneshot(

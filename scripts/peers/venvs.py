@@ -53,6 +53,24 @@ PEERS: list[PeerSpec] = [
         reference="peer-results.md: 2,702 s, 1.75 GiB, ppl 27.81 (40 windows), 27.13 (12 windows)",
     ),
     PeerSpec(
+        name="llmcompressor",
+        run_id="llmcompressor-gptq-w3-g64-asym",
+        requirement="llmcompressor==0.14.0.1",
+        script="scripts/peers/llmcompressor_gptq.py",
+        label="llm-compressor 0.14.0.1",
+        settings="GPTQModifier int3 asym, group 64, actorder static, damp 0.01 (its default)",
+        args=("--bits", "3", "--group-size", "64", "--actorder", "static", "--sym", "false"),
+    ),
+    PeerSpec(
+        name="llmcompressor",
+        run_id="llmcompressor-autoround-w3-g64-asym",
+        requirement="llmcompressor==0.14.0.1",
+        script="scripts/peers/llmcompressor_gptq.py",
+        label="llm-compressor 0.14.0.1 + auto-round 0.15.1",
+        settings="AutoRoundModifier int3 asym, group 64, 200 iters, batch 8, torch.compile off (CPU)",
+        args=("--modifier", "autoround", "--bits", "3", "--group-size", "64", "--sym", "false"),
+    ),
+    PeerSpec(
         name="gptqmodel",
         run_id="gptqmodel-gptq-g128-sym",
         requirement="gptqmodel==7.7.0",
@@ -66,7 +84,19 @@ PEERS: list[PeerSpec] = [
         reference="peer-results.md: 3,589 s, 1.50 GiB, ppl 30.72 (40 windows)",
     ),
 ]
-PEERS_BY_NAME = {p.name: p for p in PEERS}
+PEERS_BY_RUN = {p.run_id: p for p in PEERS}
+DEFAULT_PEER_RUNS = ("llmcompressor-gptq-g64-sym-ao", "gptqmodel-gptq-g128-sym")
+
+
+def select_peers(names: list[str]) -> list[PeerSpec]:
+    """Peers by run id, or by virtualenv name (that library's first, w4 run); KeyError on an unknown one."""
+    out = []
+    for n in names:
+        spec = PEERS_BY_RUN.get(n) or next((p for p in PEERS if p.name == n), None)
+        if spec is None:
+            raise KeyError(n)
+        out.append(spec)
+    return out
 
 
 def peer_python(root: Path, peer: PeerSpec) -> Path:
