@@ -108,6 +108,14 @@ def _add_calibration_options(p: argparse.ArgumentParser) -> None:
         help="with --act-order: grids fixed up front, g_idx trivial (default: on with --act-order)",
     )
     g.add_argument(
+        "--error-propagation",
+        type=float,
+        default=None,
+        metavar="ALPHA",
+        help="GPTQ rounds toward the float model's outputs (GPTAQ): minimizes |W X_float - Q X| at 1, "
+        "plain GPTQ at 0 (default: 0); carries a second activation cache",
+    )
+    g.add_argument(
         "--no-true-sequential",
         dest="true_sequential",
         action="store_false",

@@ -138,6 +138,11 @@ class GPTQConfig(_Config):
         Default ``"search"``: on SmolLM2-135M w4 g64 sym (128 x 512 c4 tokens, wikitext-2 12 windows)
         GPTQ scored 24.108 with it against 25.479 with ``"minmax"`` (docs/benchmarks.md), for a few
         seconds more per model.
+    error_propagation: α in [0, 1] of error-propagation-aware GPTQ (GPTAQ, Li et al. 2025; QEP, Arai &
+        Ichikawa 2025). 0 (default) = plain GPTQ, which minimizes ‖(W − Q)·X‖ on the quantized model's
+        inputs X. Above 0 the pipeline also carries the float model's activations X̃ and GPTQ minimizes
+        ‖W·X̃ − Q·X‖ (α = 1) by rounding the shifted target W + α·W·(X̃ − X)·Xᵀ·(X·Xᵀ + λI)⁻¹
+        (``gptq.propagation_target``); costs a second activation cache and a float copy of each layer.
     """
 
     scheme: QuantScheme = field(default_factory=QuantScheme)
@@ -147,6 +152,7 @@ class GPTQConfig(_Config):
     static_groups: bool | None = None
     true_sequential: bool = True
     grid: str = "search"
+    error_propagation: float = 0.0
     method: ClassVar[str] = "gptq"
 
     def __post_init__(self) -> None:
@@ -158,6 +164,9 @@ class GPTQConfig(_Config):
             raise ValueError(f"damp must be in (0, 1) (a fraction of the mean diagonal), got {self.damp}")
         if self.block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+        alpha = self.error_propagation
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"error_propagation must be a number in [0, 1] (GPTAQ's α), got {alpha!r}")
         if self.static_groups and not self.act_order:
             raise ValueError(
                 "static_groups only makes sense with act_order; drop --no-act-order or --static-groups"

@@ -118,6 +118,53 @@ def accumulate_hessian(
     return H, n_samples + X.shape[0]
 
 
+def accumulate_cross(
+    D: torch.Tensor, X: torch.Tensor, X_float: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Add ``2 (X̃ − X)ᵀ X`` over real tokens to the sum ``D`` [K, K] (in place; the same scaling and
+    token count as :func:`accumulate_hessian`): error-propagation GPTQ's cross term, X the quantized
+    model's inputs [tokens, K] and X̃ the float model's on the same tokens."""
+    k = D.shape[0]
+    X, X_float = X.reshape(-1, k), X_float.reshape(-1, k)
+    if mask is not None:
+        keep = mask.reshape(-1).to(device=X.device, dtype=torch.bool)
+        X, X_float = X[keep], X_float[keep]
+    X = X.to(D.dtype)
+    return D.addmm_((X_float.to(D.dtype) - X).T, X, alpha=2.0)
+
+
+def propagation_target(
+    W: torch.Tensor, H: torch.Tensor, D: torch.Tensor, alpha: float, damp: float
+) -> torch.Tensor:
+    """``W + α·W·D·(H + λI)⁻¹``: the weight GPTQ rounds to minimize ‖W·X̃ − Q·X‖ (GPTAQ / QEP).
+
+    With ``H = 2XᵀX/n`` and ``D = 2(X̃ − X)ᵀX/n`` (row-major tokens), ‖Q·X − W·X̃‖² equals
+    ``tr((Q − T) H (Q − T)ᵀ)`` plus a constant for ``T = W·(H + D)·H⁻¹ = W + W·D·H⁻¹``: GPTQ on ``T`` under
+    ``H`` minimizes it. λ = ``damp`` · mean(diag H), raised ×10 up to the cap like GPTQ's when the
+    factorization fails (the unchanged W if even that fails). D = 0 (the streams agree) or α = 0 give W
+    exactly. Runs in W's dtype (float64 if given) on W's device.
+    """
+    dtype = _work_dtype(W, H, D)
+    W0 = W.to(dtype)
+    if alpha == 0 or not bool(D.any()):
+        return W0.clone()
+    Hd = H.to(device=W.device, dtype=dtype).clone()
+    dead = torch.diagonal(Hd) == 0
+    Hd[dead, dead] = 1
+    mean_diag, applied = torch.diagonal(Hd).mean(), 0.0
+    for tried in _damp_schedule(damp):
+        Hd.diagonal().add_((tried - applied) * mean_diag)
+        applied = tried
+        L, info = torch.linalg.cholesky_ex(Hd)
+        if info.item() == 0:
+            rhs = (W0 @ D.to(device=W.device, dtype=dtype)).T  # (W·D)ᵀ [K, N]
+            shift = torch.cholesky_solve(rhs, L).T  # (H_d⁻¹ (W·D)ᵀ)ᵀ = W·D·H_d⁻¹ (H_d symmetric)
+            if bool(torch.isfinite(shift).all()):
+                return W0 + alpha * shift
+    logger.warning("error propagation: no usable factorization of H; rounding the unshifted weight")
+    return W0.clone()
+
+
 def row_hessian_errors(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
     """``(e_n H e_nᵀ)`` per row n of E = W - Q: [N] (float64 if any input is, else float32)."""
     dtype = _work_dtype(W, Q, H)

@@ -91,6 +91,11 @@ class LayerPlan:
     def needs_calibration(self) -> bool:
         return self.rounder.needs_calibration or any(t.needs_calibration for t in self.transforms)
 
+    @property
+    def needs_float_stream(self) -> bool:
+        """Whether the pipeline carries the float model's activations too (error-propagation GPTQ)."""
+        return bool(getattr(self.rounder, "needs_float_stream", False))
+
 
 def rounder_config(config: MethodConfig) -> RTNConfig | GPTQConfig:
     """The config of the rounder a method config ends in (itself for RTN/GPTQ)."""
@@ -145,6 +150,7 @@ class GPTQRounder:
 
     def __init__(self, config: GPTQConfig) -> None:
         self.config = config
+        self.needs_float_stream = config.error_propagation > 0
 
     def phases(self, arch: ArchSpec) -> list[tuple[tuple[str, ...], ...]]:
         """Groups quantized after one shared forward; true-sequential gives one group per phase."""
@@ -153,40 +159,66 @@ class GPTQRounder:
         return [arch.sequential]
 
     def quantize_layer(self, layer: nn.Module, ctx: LayerContext) -> LayerResult:
-        from .gptq import accumulate_hessian, hessian_init
-
         out: LayerResult = {}
         phases = self.phases(ctx.arch)
         for i, phase in enumerate(phases):
-            stats: dict[str, tuple[torch.Tensor, int]] = {}
-
-            def add(name: str, x: torch.Tensor, stats: dict = stats) -> None:
-                if name not in stats:
-                    stats[name] = hessian_init(x.shape[-1], x.device)
-                stats[name] = accumulate_hessian(*stats[name], x)
-
-            ctx.collect_inputs(layer, [group[0] for group in phase], add)
+            stats = self._statistics(layer, ctx, [group[0] for group in phase])
             done: LayerResult = {}
             for group in phase:
-                H, n = stats[group[0]]
-                done.update(self._quantize_group(layer, group, H / max(n, 1), n))
+                H, D, n = stats[group[0]]
+                cross = None if D is None else D / max(n, 1)
+                done.update(self._quantize_group(layer, group, H / max(n, 1), n, cross))
                 kill_point("gptq.group")
             if i < len(phases) - 1:  # the next phase sees this phase's quantized outputs (the pipeline
                 ctx.write_back(layer, done)  # writes back the last one with every other rounder's)
             out.update(done)
         return out
 
+    def _statistics(
+        self, layer: nn.Module, ctx: LayerContext, names: list[str]
+    ) -> dict[str, tuple[torch.Tensor, torch.Tensor | None, int]]:
+        """name -> (Hessian sum 2XᵀX, cross sum 2(X̃ − X)ᵀX or None, real tokens) over the calibration
+        batches; the cross term only with error propagation (``X̃``: the float model's inputs)."""
+        from .gptq import accumulate_cross, accumulate_hessian
+
+        stats: dict[str, list] = {}
+
+        def add(name: str, x: torch.Tensor, x_float: torch.Tensor | None = None) -> None:
+            if name not in stats:
+                k = x.shape[-1]
+                cross = None if x_float is None else torch.zeros(k, k, device=x.device)
+                stats[name] = [torch.zeros(k, k, device=x.device), cross, 0]
+            entry = stats[name]
+            entry[0], entry[2] = accumulate_hessian(entry[0], entry[2], x)
+            if x_float is not None:
+                accumulate_cross(entry[1], x, x_float)
+
+        if self.needs_float_stream:
+            ctx.collect_input_pairs(layer, names, add)  # type: ignore[attr-defined]
+        else:
+            ctx.collect_inputs(layer, names, add)
+        return {name: (H, D, n) for name, (H, D, n) in stats.items()}
+
     def _quantize_group(
-        self, layer: nn.Module, group: Sequence[str], H: torch.Tensor, tokens: int
+        self,
+        layer: nn.Module,
+        group: Sequence[str],
+        H: torch.Tensor,
+        tokens: int,
+        D: torch.Tensor | None = None,
     ) -> LayerResult:
         """GPTQ on the group's weights stacked along N: they share H (same input), GPTQ treats rows
         independently, and act-order's permutation depends on H only, so one call equals one call per
-        module -- with a single Cholesky and a third of the per-column work for q/k/v."""
-        from .gptq import gptq_quantize
+        module -- with a single Cholesky and a third of the per-column work for q/k/v. With the cross
+        term ``D`` (error propagation) GPTQ rounds the shifted target ``gptq.propagation_target``."""
+        from .gptq import gptq_quantize, propagation_target
 
         t0 = time.perf_counter()
         weights = [layer.get_submodule(name).weight.data.float() for name in group]
-        res = gptq_quantize(torch.cat(weights), H, self.config, name="+".join(group))  # [sum N, K]
+        W = torch.cat(weights)  # [sum N, K]
+        if D is not None:
+            W = propagation_target(W, H, D, self.config.error_propagation, self.config.damp)
+        res = gptq_quantize(W, H, self.config, name="+".join(group))
         seconds = (time.perf_counter() - t0) / len(group)
         out: LayerResult = {}
         start = 0
@@ -225,6 +257,7 @@ class MethodSpec:
 
 def _gptq_from(scheme: QuantScheme, o: Mapping[str, Any]) -> GPTQConfig:
     keys = ("damp", "block_size", "act_order", "static_groups", "true_sequential", "grid")
+    keys += ("error_propagation",)
     return GPTQConfig(scheme=scheme, **{k: o[k] for k in keys if o.get(k) is not None})
 
 

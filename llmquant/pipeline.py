@@ -16,6 +16,7 @@ Only one float decoder layer plus the activation cache is ever resident on the c
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import logging
 import time
@@ -92,6 +93,8 @@ class _Context:
     masks: list[torch.Tensor | None]  # per batch [b, S] bool (True = real token) or None
     device: torch.device
     dtype: torch.dtype
+    float_inputs: list[torch.Tensor] | None = None  # the float model's stream (error propagation)
+    float_layer: nn.Module | None = None  # this layer before rounding (set while it is quantized)
 
     def run(
         self,
@@ -116,12 +119,13 @@ class _Context:
                 outs.append(y.to("cpu"))
         return outs
 
-    def propagate(self, layer: nn.Module) -> None:
-        """Every cached batch through ``layer``, each batch's inputs overwritten by its outputs as soon
-        as they exist: the activation cache is held once (plus one batch's working memory), not twice,
-        and stays where it is (in memory, or in the mapped file of ``activation_buffers``)."""
+    def propagate(self, layer: nn.Module, stream: list[torch.Tensor] | None = None) -> None:
+        """Every cached batch of ``stream`` (default: the quantized stream) through ``layer``, each
+        batch's inputs overwritten by its outputs as soon as they exist: the activation cache is held
+        once (plus one batch's working memory), not twice, and stays where it is (in memory, or in the
+        mapped file of ``activation_buffers``)."""
         with torch.inference_mode():
-            for j, x in enumerate(self.inputs):
+            for j, x in enumerate(self.inputs if stream is None else stream):
                 kwargs = {k: _to(v, self.device) for k, v in self.kwargs[j].items()}
                 y = layer(x.to(self.device, self.dtype), **kwargs)
                 x.copy_(y[0] if isinstance(y, tuple) else y)  # x is no longer needed
@@ -131,29 +135,54 @@ class _Context:
     ) -> None:
         """Feed ``fn`` the unpadded inputs of the named submodules. Each batch stops as soon as every
         named module has seen its input: collecting q_proj's input costs one norm, not a layer."""
-        state: dict = {"mask": None, "seen": set()}
+        with torch.inference_mode():
+            for j in range(len(self.inputs)):
+                for name, x in self._module_inputs(layer, names, self.inputs, j).items():
+                    fn(name, x)
+
+    def collect_input_pairs(
+        self,
+        layer: nn.Module,
+        names: Sequence[str],
+        fn: Callable[[str, torch.Tensor, torch.Tensor], None],
+    ) -> None:
+        """As :meth:`collect_inputs`, with ``fn(name, X, X_float)``: the named submodules' inputs in
+        ``layer`` on the quantized stream and, on the same tokens, in ``float_layer`` on the float
+        stream (error-propagation GPTQ)."""
+        if self.float_inputs is None or self.float_layer is None:
+            raise RuntimeError("collect_input_pairs needs the float stream (error_propagation > 0)")
+        with torch.inference_mode():
+            for j in range(len(self.inputs)):
+                ref = self._module_inputs(self.float_layer, names, self.float_inputs, j)
+                for name, x in self._module_inputs(layer, names, self.inputs, j).items():
+                    fn(name, x, ref[name])
+
+    def _module_inputs(
+        self, layer: nn.Module, names: Sequence[str], stream: list[torch.Tensor], j: int
+    ) -> dict[str, torch.Tensor]:
+        """name -> the unpadded input [real tokens, K] of each named submodule on batch ``j`` of
+        ``stream``; the batch stops once all of them have been seen."""
+        got: dict[str, torch.Tensor] = {}
+        mask = self.masks[j]
 
         def hook(name: str) -> Callable:
             def _hook(_module: nn.Module, args: tuple) -> None:
                 x = args[0].reshape(-1, args[0].shape[-1])  # [b, S, K] -> [b*S, K]
-                mask = state["mask"]
-                fn(name, x if mask is None else x[mask.reshape(-1).to(x.device)])
-                state["seen"].add(name)
-                if len(state["seen"]) == len(names):
+                got[name] = x if mask is None else x[mask.reshape(-1).to(x.device)]
+                if len(got) == len(names):
                     raise _StopForward
 
             return _hook
 
-        def set_batch(j: int) -> None:
-            state["mask"], state["seen"] = self.masks[j], set()
-
         handles = [layer.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
         try:
-            with torch.inference_mode():
-                self.run(layer, keep=False, on_batch=set_batch)
+            kwargs = {k: _to(v, self.device) for k, v in self.kwargs[j].items()}
+            with contextlib.suppress(_StopForward):
+                layer(stream[j].to(self.device, self.dtype), **kwargs)
         finally:
             for h in handles:
                 h.remove()
+        return got
 
     def capture_calls(self, layer: nn.Module, names: Sequence[str], n_samples: int) -> dict[str, list[Call]]:
         """Arguments, keyword arguments and float outputs of each named submodule, on whole batches
@@ -278,6 +307,7 @@ def capture_layer_inputs(
 
 
 ACTIVATION_CACHE = "activations.cache"
+FLOAT_ACTIVATION_CACHE = "activations-float.cache"  # the float stream (error propagation), offloaded
 
 
 def activation_buffers(
@@ -367,7 +397,10 @@ def quantize(
     state = ResumeState(Path(resume_dir) if resume_dir else None, parts, {"batch_size": batch_size})
     ctx = None
     if blocks is not None:
-        ctx = _calibration_context(source, blocks, state, batch_size, dev, compute_dtype, offload_activations)
+        float_stream = plan.needs_float_stream
+        ctx = _calibration_context(
+            source, blocks, state, batch_size, dev, compute_dtype, offload_activations, float_stream
+        )
     quantized: list[str] = []
     logs: list[ModuleLog] = []
     bar = tqdm(range(len(source.layers)), desc=f"{config.method} layers", disable=not progress)
@@ -379,7 +412,9 @@ def quantize(
         else:
             result = _quantize_layer(layer, i, plan, ctx, source.arch, dev, compute_dtype)
             float_state = _transformed_tensors(layer, result) if plan.transforms else {}
-            state.save_layer(i, result, ctx.inputs if ctx else None, float_state)
+            state.save_layer(
+                i, result, ctx.inputs if ctx else None, float_state, ctx.float_inputs if ctx else None
+            )
         _finalize_layer(layer, result, store_dtype)
         prefix = f"{source.arch.layers}.{i}."
         for name, (_qw, log) in result.items():
@@ -411,18 +446,26 @@ def _calibration_context(
     device: torch.device,
     dtype: torch.dtype,
     offload: bool,
+    float_stream: bool = False,
 ) -> _Context:
     """The activation cache (layer 0's inputs, or a resumed run's saved activations), in memory or in
-    ``ACTIVATION_CACHE`` of the resume directory (``offload``)."""
+    ``ACTIVATION_CACHE`` of the resume directory (``offload``); with ``float_stream``, a second cache
+    for the float model's activations (error-propagation GPTQ)."""
     if offload and state.dir is None:
         raise ValueError("offload_activations needs resume_dir (the cache file is kept there)")
     file = state.dir / ACTIVATION_CACHE if offload and state.dir else None
     hidden = source.model.config.hidden_size
     buffers = activation_buffers(blocks.input_ids.shape, hidden, batch_size, dtype, file)
     inputs, kwargs, masks = capture_layer_inputs(source, blocks, batch_size, device, dtype, buffers)
+    float_inputs = None
+    if float_stream:  # layer 0's inputs are the same in both streams
+        file = state.dir / FLOAT_ACTIVATION_CACHE if offload and state.dir else None
+        float_inputs = activation_buffers(blocks.input_ids.shape, hidden, batch_size, dtype, file)
+        for buffer, x in zip(float_inputs, inputs):
+            buffer.copy_(x)
     if state.layers_done:
-        state.load_activations(into=inputs)
-    return _Context(0, source.arch, inputs, kwargs, masks, device, dtype)
+        state.load_activations(into=inputs, float_into=float_inputs)
+    return _Context(0, source.arch, inputs, kwargs, masks, device, dtype, float_inputs)
 
 
 def _transformed_tensors(layer: nn.Module, result: LayerResult) -> dict[str, torch.Tensor]:
@@ -461,11 +504,17 @@ def _quantize_layer(
         for name, note in transform.apply(layer, ctx).items():
             notes.setdefault(name, {}).update(note)
         kill_point("layer.transformed")
+    if ctx.float_inputs is not None:  # the float reference is the transformed (equivalent) layer
+        ctx.float_layer = copy.deepcopy(layer)
     result = plan.rounder.quantize_layer(layer, ctx)
     kill_point("layer.rounded")
     ctx.write_back(layer, result)
     ctx.propagate(layer)
     check_finite_activations(ctx.inputs, index, dtype)
+    if ctx.float_layer is not None:
+        ctx.propagate(ctx.float_layer, ctx.float_inputs)
+        check_finite_activations(ctx.float_inputs, index, dtype)
+        ctx.float_layer = None
     kill_point("layer.propagated")
     if notes:
         result = {

@@ -127,7 +127,10 @@ class ResumeState:
         result: LayerResult,
         activations: list[torch.Tensor] | None,
         float_state: dict[str, torch.Tensor] | None = None,
+        float_activations: list[torch.Tensor] | None = None,
     ) -> None:
+        """Checkpoint finished layer ``index``: its weights and logs, the changed float tensors, and
+        the activations leaving it (and the float model's, ``float_activations``, when carried)."""
         if self.dir is None:
             return
         tensors: dict[str, torch.Tensor] = {f"float.{n}": t for n, t in (float_state or {}).items()}
@@ -143,6 +146,7 @@ class ResumeState:
         kill_point("resume.layer")
         if activations is not None:
             batches = {f"batch_{j}": a for j, a in enumerate(activations)}
+            batches |= {f"float_batch_{j}": a for j, a in enumerate(float_activations or [])}
             _atomic_save(batches, _activations_file(self.dir, index + 1))
             kill_point("resume.activations")
         tmp = self.dir / "state.json.tmp"
@@ -181,19 +185,25 @@ class ResumeState:
         float_state = {k[len("float.") :]: v for k, v in tensors.items() if k.startswith("float.")}
         return out, float_state
 
-    def load_activations(self, into: list[torch.Tensor]) -> None:
+    def load_activations(
+        self, into: list[torch.Tensor], float_into: list[torch.Tensor] | None = None
+    ) -> None:
         """Copy the activations leaving the last finished layer into ``into`` (the activation cache's
-        buffers, one per batch), one batch at a time."""
+        buffers, one per batch), one batch at a time; the float stream's into ``float_into``."""
         assert self.dir is not None
         path = _activations_file(self.dir, self.layers_done)
         try:
             from safetensors import safe_open
 
             with safe_open(str(path), "pt") as f:
-                if len(f.keys()) != len(into):
-                    raise ValueError(f"{len(f.keys())} batches saved, {len(into)} expected")
+                names = list(f.keys())
+                saved = sum(1 for k in names if k.startswith("batch_"))
+                if saved != len(into):
+                    raise ValueError(f"{saved} batches saved, {len(into)} expected")
                 for j, buffer in enumerate(into):
                     buffer.copy_(f.get_tensor(f"batch_{j}"))
+                for j, buffer in enumerate(float_into or []):
+                    buffer.copy_(f.get_tensor(f"float_batch_{j}"))
         except Exception as exc:  # missing file, SafetensorError, a missing or misshapen batch
             raise self._damaged(path, exc) from exc
 

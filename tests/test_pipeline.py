@@ -234,3 +234,54 @@ def test_walker_reproduces_the_model_forward(make_tiny_llama, monkeypatch, attn,
         for name in arch_names:
             got = torch.cat(recorder.module_inputs[(i, name)])
             torch.testing.assert_close(got, module_ref[f"model.layers.{i}.{name}"], rtol=1e-5, atol=1e-5)
+
+
+# Error-propagation GPTQ: the float stream ---------------------------------------------------------
+
+PROPAGATION = GPTQConfig(SCHEME, error_propagation=1.0)
+
+
+def test_error_propagation_first_group_equals_gptq(make_tiny_llama) -> None:
+    """Layer 0's q/k/v see the same inputs in both streams (X̃ = X), so their codes equal plain GPTQ's;
+    later groups see different streams and change."""
+    blocks = _blocks()
+    plain = pipeline.quantize(make_tiny_llama(), GPTQConfig(SCHEME), blocks, progress=False)
+    prop = pipeline.quantize(make_tiny_llama(), PROPAGATION, blocks, progress=False)
+    for name in ("q_proj", "k_proj", "v_proj"):
+        full = f"model.layers.0.self_attn.{name}"
+        assert prop.quantized[full].equal(plain.quantized[full]), full
+    later = [n for n in plain.quantized if not n.startswith("model.layers.0.self_attn")]
+    assert any(not prop.quantized[n].equal(plain.quantized[n]) for n in later)
+
+
+def test_error_propagation_lowers_the_output_error(make_tiny_llama) -> None:
+    """On the calibration tokens, GPTQ with α = 1 ends closer to the float model's logits."""
+    blocks = _blocks(n=8, seqlen=64)
+    with torch.no_grad():
+        ref = make_tiny_llama(layers=4)(blocks.input_ids).logits
+    errs = {}
+    scheme = QuantScheme(3, 32, False)
+    for cfg in (GPTQConfig(scheme), GPTQConfig(scheme, error_propagation=1.0)):
+        result = pipeline.quantize(make_tiny_llama(layers=4), cfg, blocks, progress=False)
+        with torch.no_grad():
+            errs[cfg.error_propagation] = (result.model(blocks.input_ids).logits - ref).pow(2).mean().item()
+    assert errs[1.0] < errs[0.0], errs
+
+
+@pytest.mark.parametrize("offload", [False, True])
+def test_error_propagation_resume_is_bit_identical(make_tiny_llama, tmp_path, monkeypatch, offload) -> None:
+    """The float stream is checkpointed with the quantized one: a resumed run equals an uninterrupted one
+    (also with both caches offloaded to mapped files)."""
+    model_dir = tmp_path / "m"
+    make_tiny_llama(layers=3).save_pretrained(model_dir)
+    full = pipeline.quantize(model_dir, PROPAGATION, _blocks(), progress=False)
+    interrupt_run(monkeypatch, model_dir, PROPAGATION, tmp_path / "r", at_call=3)
+    resumed = pipeline.quantize(
+        model_dir,
+        PROPAGATION,
+        _blocks(),
+        resume_dir=tmp_path / "r",
+        progress=False,
+        offload_activations=offload,
+    )
+    _assert_same(full, resumed)

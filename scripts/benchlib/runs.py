@@ -47,6 +47,7 @@ class RunSpec:
     bits: int = 4
     search_samples: int | None = None  # AWQ: sequences replayed per scale candidate (None: default, 8)
     fmt: str | None = None  # the checkpoint format, when not the method's natural one
+    propagation: float = 0.0  # GPTQ's error_propagation α (GPTAQ)
 
     @property
     def format(self) -> str | None:
@@ -75,6 +76,8 @@ class RunSpec:
             )
         if self.grid != "minmax":
             parts.append(f"grid {self.grid}")
+        if self.propagation:
+            parts.append(f"error propagation α {self.propagation:g}")
         if self.method in ("gptq", "awq+gptq"):
             parts.append("damp 0.01, true_sequential")
         return ", ".join(parts)
@@ -85,7 +88,9 @@ class RunSpec:
 
         scheme = QuantScheme(bits=self.bits, group_size=self.group_size, sym=self.sym)
         if self.method.startswith("awq"):
-            rounder = GPTQConfig(scheme=scheme, grid=self.grid) if self.method == "awq+gptq" else None
+            rounder = None
+            if self.method == "awq+gptq":
+                rounder = GPTQConfig(scheme=scheme, grid=self.grid, error_propagation=self.propagation)
             extra = {"search_samples": self.search_samples} if self.search_samples else {}
             cfg = AWQConfig(scheme=scheme, rounder=rounder, **extra)
         elif self.method == "rtn":
@@ -96,6 +101,7 @@ class RunSpec:
                 act_order=self.act_order,
                 static_groups=self.static_groups,
                 grid=self.grid,
+                error_propagation=self.propagation,
             )
         else:
             raise ValueError(f"run {self.id} has no quantizer config")
@@ -123,6 +129,11 @@ RUNS: list[RunSpec] = [
     RunSpec("rtn-w3-g64-asym", "rtn", 64, False, bits=3),
     RunSpec("gptq-w3-g64-asym", "gptq", 64, False, bits=3),
     RunSpec("gptq-w3-g64-asym-search", "gptq", 64, False, grid="search", bits=3),
+    RunSpec("gptq-g64-sym-search-ep", "gptq", 64, True, grid="search", propagation=1.0),
+    RunSpec("gptq-g64-asym-search-ep", "gptq", 64, False, grid="search", propagation=1.0),
+    RunSpec("gptq-w3-g64-asym-search-ep", "gptq", 64, False, grid="search", bits=3, propagation=1.0),
+    RunSpec("gptq-w3-g64-asym-search-ep05", "gptq", 64, False, grid="search", bits=3, propagation=0.5),
+    RunSpec("gptq-w2-g64-asym-search-ep", "gptq", 64, False, grid="search", bits=2, propagation=1.0),
     RunSpec("rtn-w2-g64-asym", "rtn", 64, False, bits=2),
     RunSpec("gptq-w2-g64-asym", "gptq", 64, False, bits=2),
     RunSpec("gptq-w2-g64-asym-search", "gptq", 64, False, grid="search", bits=2),
@@ -173,9 +184,23 @@ def _reusable(result_path: Path, spec: dict) -> dict | None:
     except (OSError, json.JSONDecodeError):
         return None
     ckpt = Path(old.get("checkpoint", ""))
-    if old.get("spec") != spec or not (ckpt / "config.json").is_file():
+    if _normalized(old.get("spec")) != _normalized(spec) or not (ckpt / "config.json").is_file():
         return None
     return old
+
+
+def _normalized(spec: object) -> object:
+    """A child spec with its method config read and written again, so a spec written before a config
+    field existed equals today's with that field at its default (the checkpoint is the same)."""
+    from llmquant.config import method_config_from_dict
+
+    if not isinstance(spec, dict) or not isinstance(spec.get("config"), dict):
+        return spec
+    try:
+        cfg = method_config_from_dict(spec["config"])
+    except (TypeError, ValueError):
+        return spec
+    return spec | {"config": cfg.to_dict() | {"method": cfg.method}}
 
 
 def run_quantization(run: RunSpec, spec: dict, paths: dict[str, Path], resume: bool) -> dict:
