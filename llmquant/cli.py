@@ -116,6 +116,14 @@ def _add_calibration_options(p: argparse.ArgumentParser) -> None:
         "plain GPTQ at 0 (default: 0); carries a second activation cache",
     )
     g.add_argument(
+        "--refine",
+        type=_positive_int,
+        default=None,
+        metavar="STEPS",
+        help="learned rounding after the rounder: STEPS signed-gradient steps per decoder layer on the "
+        "codes against the float layer's outputs (AutoRound-style; default: off)",
+    )
+    g.add_argument(
         "--no-true-sequential",
         dest="true_sequential",
         action="store_false",

@@ -49,6 +49,8 @@ class _Config:
                 raise ValueError(f"{cls.__name__} has no field {key!r}; known: {sorted(names)}")
             if key == "scheme" and isinstance(value, dict):
                 value = QuantScheme.from_dict(value)
+            if key == "refine" and isinstance(value, dict):
+                value = RefineConfig.from_dict(value)
             if key == "rounder" and isinstance(value, dict):
                 value = method_config_from_dict(value)
             kwargs[key] = value
@@ -95,21 +97,48 @@ class QuantScheme(_Config):
 
 
 @dataclass(frozen=True)
+class RefineConfig(_Config):
+    """Learned rounding refinement after the rounder (``llmquant.refine``): per decoder layer, ``steps``
+    signed-gradient steps on rounding offsets against the float layer's outputs.
+
+    steps: optimization steps per decoder layer (one cached calibration batch each).
+    lr: step size of the offsets (codes units); None = 1 / steps (AutoRound's default), decaying
+        linearly to zero.
+    seed: seeds the order in which batches are visited.
+    """
+
+    steps: int = 100
+    lr: float | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+            raise ValueError(f"refine steps must be a positive integer, got {self.steps!r}")
+        if self.lr is not None and (isinstance(self.lr, bool) or not 0 < self.lr <= 1):
+            raise ValueError(f"refine lr must be in (0, 1] (codes per step), got {self.lr!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"refine seed must be an integer, got {self.seed!r}")
+
+
+@dataclass(frozen=True)
 class RTNConfig(_Config):
     """Round-to-nearest: no calibration data.
 
     grid: how each group's scale/zero are chosen (``grid.group_qparams``): ``"minmax"`` the plain
         range, ``"mse"`` a shrink of it minimizing the L2.4 rounding error, ``"search"`` the scale (and
         zero) minimizing the squared rounding error over a wider family (``grid.search_qparams``).
+    refine: learned rounding after RTN (``RefineConfig``; needs calibration data), or None.
     """
 
     scheme: QuantScheme = field(default_factory=QuantScheme)
     grid: str = "minmax"
+    refine: RefineConfig | None = None
     method: ClassVar[str] = "rtn"
 
     def __post_init__(self) -> None:
         _check_scheme(self.scheme)
         _check_grid(self.grid)
+        _check_refine(self.refine)
 
 
 @dataclass(frozen=True)
@@ -143,6 +172,8 @@ class GPTQConfig(_Config):
         inputs X. Above 0 the pipeline also carries the float model's activations X̃ and GPTQ minimizes
         ‖W·X̃ − Q·X‖ (α = 1) by rounding the shifted target W + α·W·(X̃ − X)·Xᵀ·(X·Xᵀ + λI)⁻¹
         (``gptq.propagation_target``); costs a second activation cache and a float copy of each layer.
+    refine: learned rounding after GPTQ (``RefineConfig``: signed-gradient steps per layer on the
+        codes, grids kept), or None.
     """
 
     scheme: QuantScheme = field(default_factory=QuantScheme)
@@ -153,11 +184,13 @@ class GPTQConfig(_Config):
     true_sequential: bool = True
     grid: str = "search"
     error_propagation: float = 0.0
+    refine: RefineConfig | None = None
     method: ClassVar[str] = "gptq"
 
     def __post_init__(self) -> None:
         _check_scheme(self.scheme)
         _check_grid(self.grid)
+        _check_refine(self.refine)
         if self.static_groups is None:  # frozen: resolve the default once, so to_dict() stores a bool
             object.__setattr__(self, "static_groups", self.act_order)
         if not 0.0 < self.damp < 1.0:
@@ -271,6 +304,11 @@ def _check_scheme(scheme: QuantScheme) -> None:
 def _check_grid(grid: str) -> None:
     if grid not in GRIDS:
         raise ValueError(f"grid must be one of {', '.join(GRIDS)}, got {grid!r}")
+
+
+def _check_refine(refine: object) -> None:
+    if refine is not None and not isinstance(refine, RefineConfig):
+        raise ValueError(f"refine must be a RefineConfig or None, got {type(refine).__name__}")
 
 
 def method_config_from_dict(data: dict[str, Any]) -> MethodConfig:

@@ -28,10 +28,11 @@ import torch
 from torch import nn
 
 from .arch import ArchSpec
-from .config import AWQConfig, GPTQConfig, MethodConfig, QuantScheme, RTNConfig
+from .config import AWQConfig, GPTQConfig, MethodConfig, QuantScheme, RefineConfig, RTNConfig
 from .faults import kill_point
 from .grid import quantize_weight
 from .layer import Call, LayerContext, LayerResult, ModuleLog, Rounder, Transform, TransformNotes
+from .refine import Refiner
 from .transforms import AWQTransform
 
 __all__ = [  # the per-layer types are defined in llmquant.layer and offered here too
@@ -86,15 +87,18 @@ class LayerPlan:
 
     transforms: list[Transform]
     rounder: Rounder
+    refiner: Refiner | None = None  # learned rounding after the rounder (``llmquant.refine``)
 
     @property
     def needs_calibration(self) -> bool:
-        return self.rounder.needs_calibration or any(t.needs_calibration for t in self.transforms)
+        transforms = any(t.needs_calibration for t in self.transforms)
+        return self.rounder.needs_calibration or transforms or self.refiner is not None
 
     @property
     def needs_float_stream(self) -> bool:
-        """Whether the pipeline carries the float model's activations too (error-propagation GPTQ)."""
-        return bool(getattr(self.rounder, "needs_float_stream", False))
+        """Whether the pipeline carries the float model's activations too (error-propagation GPTQ,
+        refinement's targets)."""
+        return self.refiner is not None or bool(getattr(self.rounder, "needs_float_stream", False))
 
 
 def rounder_config(config: MethodConfig) -> RTNConfig | GPTQConfig:
@@ -110,7 +114,8 @@ def make_plan(config: MethodConfig) -> LayerPlan:
     rcfg = rounder_config(config)
     if type(rcfg) not in _ROUNDERS:
         raise ValueError(f"method {config.method!r} has no registered rounder")
-    return LayerPlan(transforms, _ROUNDERS[type(rcfg)](rcfg))
+    refiner = Refiner(rcfg.refine) if rcfg.refine is not None else None
+    return LayerPlan(transforms, _ROUNDERS[type(rcfg)](rcfg), refiner)
 
 
 def checkpoint_meta(config: MethodConfig, logs: Sequence[ModuleLog]) -> dict[str, Any]:
@@ -255,10 +260,21 @@ class MethodSpec:
     default_sym: bool = True
 
 
+def _refine_from(o: Mapping[str, Any]) -> RefineConfig | None:
+    """``--refine STEPS`` (seeded by ``--seed``), or None."""
+    steps = o.get("refine")
+    return None if steps is None else RefineConfig(steps=steps, seed=o.get("seed") or 0)
+
+
 def _gptq_from(scheme: QuantScheme, o: Mapping[str, Any]) -> GPTQConfig:
     keys = ("damp", "block_size", "act_order", "static_groups", "true_sequential", "grid")
     keys += ("error_propagation",)
-    return GPTQConfig(scheme=scheme, **{k: o[k] for k in keys if o.get(k) is not None})
+    kwargs = {k: o[k] for k in keys if o.get(k) is not None}
+    return GPTQConfig(scheme=scheme, refine=_refine_from(o), **kwargs)
+
+
+def _rtn_from(scheme: QuantScheme, o: Mapping[str, Any]) -> RTNConfig:
+    return RTNConfig(scheme, o.get("grid") or "minmax", refine=_refine_from(o))
 
 
 def _awq_from(scheme: QuantScheme, o: Mapping[str, Any], rounder: RTNConfig | GPTQConfig | None) -> AWQConfig:
@@ -269,15 +285,13 @@ def _awq_from(scheme: QuantScheme, o: Mapping[str, Any], rounder: RTNConfig | GP
 METHODS: dict[str, MethodSpec] = {
     spec.name: spec
     for spec in (
-        MethodSpec(
-            "rtn", "round to nearest (no calibration)", lambda s, o: RTNConfig(s, o.get("grid") or "minmax")
-        ),
+        MethodSpec("rtn", "round to nearest (no calibration unless --refine)", _rtn_from),
         MethodSpec("gptq", "GPTQ Hessian-based rounding", _gptq_from),
         MethodSpec(
             "awq",
             "AWQ activation-aware scaling, then round to nearest",
             lambda s, o: _awq_from(
-                s, o, RTNConfig(s, o["grid"]) if o.get("grid") not in (None, "minmax") else None
+                s, o, _rtn_from(s, o) if o.get("grid") not in (None, "minmax") or o.get("refine") else None
             ),
             natural_format=lambda s: "awq",
             default_sym=False,

@@ -228,6 +228,34 @@ class _Context:
                 h.remove()
         return calls
 
+    def outputs(self, layer: nn.Module, stream: list[torch.Tensor]) -> list[torch.Tensor]:
+        """``layer``'s outputs on every batch of ``stream`` (on the compute device)."""
+        outs = []
+        with torch.no_grad():
+            for j, x in enumerate(stream):
+                kwargs = {k: _to(v, self.device) for k, v in self.kwargs[j].items()}
+                y = layer(x.to(self.device, self.dtype), **kwargs)
+                outs.append((y[0] if isinstance(y, tuple) else y).clone())
+        return outs
+
+    def grad_batches(
+        self, stream: list[torch.Tensor]
+    ) -> list[tuple[torch.Tensor, dict, torch.Tensor | None]]:
+        """(inputs, layer kwargs, mask) of every batch of ``stream`` on the compute device, as ordinary
+        tensors (copies of the cache's inference-mode ones) that autograd may save (refinement)."""
+        out = []
+        for j, x in enumerate(stream):
+            kwargs = {k: _clone(_to(v, self.device)) for k, v in self.kwargs[j].items()}
+            mask = self.masks[j]
+            out.append(
+                (
+                    x.to(self.device, self.dtype).clone(),
+                    kwargs,
+                    None if mask is None else mask.to(self.device),
+                )
+            )
+        return out
+
     def replay(self, module: nn.Module, calls: Sequence[Call]) -> list[torch.Tensor]:
         outs = []
         with torch.inference_mode():
@@ -247,6 +275,14 @@ def _to(value: object, device: torch.device) -> object:
         return value.to(device)
     if isinstance(value, tuple):
         return tuple(_to(v, device) for v in value)
+    return value
+
+
+def _clone(value: object) -> object:
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if isinstance(value, tuple):
+        return tuple(_clone(v) for v in value)
     return value
 
 
@@ -508,6 +544,8 @@ def _quantize_layer(
         ctx.float_layer = copy.deepcopy(layer)
     result = plan.rounder.quantize_layer(layer, ctx)
     kill_point("layer.rounded")
+    if plan.refiner is not None:
+        result = plan.refiner.refine(layer, result, ctx)
     ctx.write_back(layer, result)
     ctx.propagate(layer)
     check_finite_activations(ctx.inputs, index, dtype)

@@ -264,7 +264,10 @@ def make_plan(
     packed = int(q_params * bits / 8 + q_params / group * (2 + bits / 8) * 1.05)
     output = packed + other_bytes
     largest = max(shapes["layers"].values(), default=0)
-    calibrated = method.method != "rtn" and calibration is not None
+    from .methods import make_plan
+
+    layer_plan = make_plan(method)
+    calibrated = layer_plan.needs_calibration and calibration is not None
     n, seqlen = (calibration.n_samples, calibration.seqlen) if calibrated else (0, 0)
     on_cpu = not device.startswith("cuda")
     elt = 4 if on_cpu else _elt(tensors)  # the compute dtype: float32 on the CPU, else the stored one
@@ -277,6 +280,7 @@ def make_plan(
         "largest layer (stored + float32)": largest + largest * 4 // max(_elt(tensors), 1),
         "quantized layers (packed)": packed,
         "activation cache": 0 if offload_activations else acts,
+        **_stream_terms(layer_plan, acts, offload_activations),
         **(work if on_cpu else {}),
         "save (packed tensors + kept tensors read back)": packed + other_bytes,
     }
@@ -287,6 +291,17 @@ def make_plan(
         sum(t.nbytes for t in tensors.values()), largest, output, resume, host, device_terms,
         batch_size, offload_activations,
     )  # fmt: skip
+
+
+def _stream_terms(layer_plan: Any, acts: int, offload: bool) -> dict[str, int]:
+    """The float model's activation cache (error propagation, refinement) and refinement's copies of
+    one stream's inputs and the float targets, when the plan needs them."""
+    terms = {}
+    if layer_plan.needs_float_stream:
+        terms["float activation cache"] = 0 if offload else acts
+    if layer_plan.refiner is not None:
+        terms["refinement inputs + targets"] = 2 * acts
+    return terms
 
 
 def _shapes(tensors: dict[str, TensorInfo], layers_prefix: str) -> dict[str, Any]:

@@ -1,0 +1,177 @@
+"""Learned rounding refinement (``--refine STEPS``): signed-gradient descent on rounding offsets, per layer.
+
+After a rounder (RTN, GPTQ) has chosen each linear's grid (fp16 scales, integer zeros) and codes, the
+refinement keeps the grids and tunes the codes of the whole decoder layer together, the AutoRound way
+(Cheng et al. 2023): every weight gets an offset ``V`` and its code becomes
+
+    code = clamp(round(W / s + z + V), 0, 2**bits − 1),     ŵ = s · (code − z),
+
+with ``W`` the float (transformed) weight. ``V`` starts where the rounder's codes are (``V0 = code0 −
+(W / s + z)`` where the rounder moved a code away from nearest, 0 where it did not) and stays within
+``V0 ± 0.5``. The loss is the mean
+squared error between the layer's output with the fake-quantized weights on the quantized model's
+inputs and the float layer's output on the float model's inputs (the pipeline's two streams), on real
+tokens only; gradients pass the rounding straight through. Each step takes one cached calibration
+batch (a seeded permutation of them, so a run is deterministic), and ``V`` moves by ``lr · sign(∇)``
+with ``lr`` decaying linearly to zero.
+
+The loss over every calibration batch is measured before and after; when the refined codes do not
+lower it, the rounder's codes are kept: the refinement never increases the loss it optimizes.
+
+``refine_codes`` is the pure tensor part (one layer, given its inputs and targets); ``Refiner`` is the
+per-layer step the pipeline runs after the rounder (``methods.LayerPlan.refiner``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from .config import RefineConfig
+from .layer import LayerResult
+from .qtensor import QuantizedWeight
+
+logger = logging.getLogger(__name__)
+
+Batch = tuple[torch.Tensor, dict, torch.Tensor | None]  # (inputs [b, S, H], layer kwargs, mask [b, S])
+
+
+@dataclass
+class _Offsets:
+    """One linear's refinement state: its float weight and fixed grid expanded to [N, K], and V."""
+
+    weight: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+    v: torch.Tensor
+    lo: torch.Tensor
+    hi: torch.Tensor
+    maxq: int
+
+    @classmethod
+    def start(cls, weight: torch.Tensor, qw: QuantizedWeight) -> _Offsets:
+        """V0 = 0 where the rounder's code is round-to-nearest (AutoRound's start from RTN); elsewhere
+        (codes GPTQ moved) ``W/s + z + V0`` sits at the centre of the rounder's code, so noise in the
+        first signed steps does not flip it straight back."""
+        g = qw.group_index().to(weight.device)
+        scale = qw.scales.to(weight.device).float()[:, g]  # [N, G] -> [N, K]
+        zero = qw.zeros.to(weight.device).float()[:, g]  # [N, G] -> [N, K]
+        x = weight / scale + zero
+        code = qw.codes.to(weight.device).float()
+        v0 = torch.where(torch.round(x).clamp(0, (1 << qw.bits) - 1) == code, 0.0, code - x)
+        return cls(weight, scale, zero, v0.clone(), v0 - 0.5, v0 + 0.5, (1 << qw.bits) - 1)
+
+    def fake_quant(self) -> torch.Tensor:
+        """``s · (clamp(round(W/s + z + V)) − z)``, rounding passed straight through."""
+        x = self.weight / self.scale + self.zero + self.v
+        q = (x + (torch.round(x) - x).detach()).clamp(0, self.maxq)
+        return self.scale * (q - self.zero)
+
+    def codes(self) -> torch.Tensor:
+        with torch.no_grad():
+            x = self.weight / self.scale + self.zero + self.v
+            return torch.round(x).clamp(0, self.maxq).to(torch.uint8)
+
+
+def _layer_loss(
+    layer: nn.Module, weights: dict[str, torch.Tensor], batch: Batch, target: torch.Tensor
+) -> torch.Tensor:
+    """Mean squared error over the batch's real tokens of ``layer`` (with ``weights`` substituted)."""
+    x, kwargs, mask = batch
+    y = functional_call(layer, weights, (x,), kwargs)
+    y = y[0] if isinstance(y, tuple) else y
+    err = (y - target).pow(2).sum(dim=-1)  # [b, S]
+    if mask is not None:
+        return err[mask].mean()
+    return err.mean()
+
+
+def _total_loss(
+    layer: nn.Module, offsets: dict[str, _Offsets], batches: Sequence[Batch], targets: Sequence[torch.Tensor]
+) -> float:
+    """The loss refinement optimizes, over every batch (token-weighted mean)."""
+    total, tokens = 0.0, 0
+    with torch.no_grad():
+        weights = {f"{n}.weight": o.fake_quant() for n, o in offsets.items()}
+        for batch, target in zip(batches, targets):
+            count = int(batch[2].sum()) if batch[2] is not None else batch[0].shape[0] * batch[0].shape[1]
+            total += float(_layer_loss(layer, weights, batch, target)) * count
+            tokens += count
+    return total / max(tokens, 1)
+
+
+def refine_codes(
+    layer: nn.Module,
+    weights: dict[str, torch.Tensor],
+    result: LayerResult,
+    batches: Sequence[Batch],
+    targets: Sequence[torch.Tensor],
+    config: RefineConfig,
+) -> tuple[dict[str, torch.Tensor], float, float]:
+    """Refined codes of every linear in ``result`` (name -> uint8 [N, K]), and the loss before / after.
+
+    ``layer``: the decoder layer (its linears' weights are substituted, never modified); ``weights``:
+    name -> float weight [N, K]; ``batches``: the quantized stream's inputs; ``targets``: the float
+    layer's outputs on the float stream, one per batch. The rounder's codes come back unchanged (and
+    after == before) when refinement does not lower the loss.
+    """
+    offsets = {n: _Offsets.start(weights[n].float(), qw) for n, (qw, _log) in result.items()}
+    before = _total_loss(layer, offsets, batches, targets)
+    gen = torch.Generator().manual_seed(config.seed)
+    epochs = -(-config.steps // len(batches))
+    order = torch.cat([torch.randperm(len(batches), generator=gen) for _ in range(epochs)])
+    lr = config.lr if config.lr is not None else 1.0 / config.steps
+    for o in offsets.values():
+        o.v.requires_grad_(True)
+    for step in range(config.steps):
+        j = int(order[step])
+        fake = {f"{n}.weight": o.fake_quant() for n, o in offsets.items()}
+        loss = _layer_loss(layer, fake, batches[j], targets[j])
+        grads = torch.autograd.grad(loss, [o.v for o in offsets.values()])
+        rate = lr * (1.0 - step / config.steps)
+        with torch.no_grad():
+            for o, g in zip(offsets.values(), grads):
+                o.v.sub_(rate * torch.sign(g)).clamp_(min=o.lo, max=o.hi)
+    for o in offsets.values():
+        o.v.requires_grad_(False)
+    after = _total_loss(layer, offsets, batches, targets)
+    if not after < before:
+        return {n: qw.codes for n, (qw, _log) in result.items()}, before, before
+    return {n: o.codes() for n, o in offsets.items()}, before, after
+
+
+class Refiner:
+    """The pipeline's per-layer refinement step (after the rounder, before write-back)."""
+
+    def __init__(self, config: RefineConfig) -> None:
+        self.config = config
+
+    def refine(self, layer: nn.Module, result: LayerResult, ctx) -> LayerResult:
+        """``result`` with refined codes; ``ctx.float_layer`` holds the float weights and gives the
+        targets (on ``ctx.float_inputs``); the loss before/after goes into each linear's log."""
+        t0 = time.perf_counter()
+        batches = ctx.grad_batches(ctx.inputs)
+        targets = ctx.outputs(ctx.float_layer, ctx.float_inputs)
+        weights = {n: ctx.float_layer.get_submodule(n).weight.detach() for n in result}
+        with torch.enable_grad():
+            codes, before, after = refine_codes(layer, weights, result, batches, targets, self.config)
+        seconds = time.perf_counter() - t0
+        logger.info("refine layer %d: loss %.4g -> %.4g in %.1f s", ctx.index, before, after, seconds)
+        note = {"refine_loss_before": before, "refine_loss_after": after, "refine_seconds": seconds}
+        return {n: (_with_codes(qw, codes[n]), _noted(log, note)) for n, (qw, log) in result.items()}
+
+
+def _with_codes(qw: QuantizedWeight, codes: torch.Tensor) -> QuantizedWeight:
+    return QuantizedWeight(codes.to(qw.codes.device), qw.scales, qw.zeros, qw.bits, qw.group_size, qw.g_idx)
+
+
+def _noted(log, note: dict) -> object:
+    import dataclasses
+
+    return dataclasses.replace(log, transform={**(log.transform or {}), **note})
