@@ -1,0 +1,52 @@
+"""Cost and layer-loss effect of ``--refine`` on the first decoder layers of a model.
+
+Quantizes a truncated copy of the model (its first ``--layers`` decoder layers) with GPTQ (w3 g64 asym,
+search grid by default) once per ``--steps`` value (0 = no refinement) on the calibration ids that
+``bench_quality.py`` wrote, and prints the seconds each run took; the refinement's loss before/after per
+layer is logged at INFO level ("refine layer i: loss a -> b in s")::
+
+    python scripts/refine_cost.py --model ~/.cache/llmquant/smollm2-135m-instruct \\
+        --calib-ids /tmp/bq/calibration_ids.safetensors --steps 0 16 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from llmquant import pipeline
+from llmquant.calibration import CalibrationBlocks, fingerprint
+from llmquant.config import GPTQConfig, QuantScheme, RefineConfig
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", required=True)
+    p.add_argument("--calib-ids", required=True, help="calibration_ids.safetensors from bench_quality.py")
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--bits", type=int, default=3)
+    p.add_argument("--group-size", type=int, default=64)
+    p.add_argument("--steps", type=int, nargs="+", default=[0, 16, 64])
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    tensors = load_file(args.calib_ids)
+    ids, mask = tensors["input_ids"], tensors["attention_mask"]
+    blocks = CalibrationBlocks(ids, mask, "ids", fingerprint(ids, mask))
+    for steps in args.steps:
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float16)
+        model.model.layers = model.model.layers[: args.layers]
+        model.config.num_hidden_layers = args.layers
+        scheme = QuantScheme(args.bits, args.group_size, False)
+        cfg = GPTQConfig(scheme, refine=RefineConfig(steps) if steps else None)
+        t0 = time.perf_counter()
+        pipeline.quantize(model, cfg, blocks, progress=False)
+        logging.info("steps=%d: %.1f s for %d layers", steps, time.perf_counter() - t0, args.layers)
+
+
+if __name__ == "__main__":
+    main()
