@@ -189,7 +189,13 @@ def _quantization_rows(facts: Mapping[str, Any]) -> list[tuple[str, str]]:
 
 def _options(method_config: Mapping[str, Any]) -> str:
     skip = {"method", "scheme", "version"}
-    items = [f"`{k}={v}`" for k, v in method_config.items() if k not in skip and not isinstance(v, dict)]
+    items = [
+        f"`{k}={v}`"
+        for k, v in method_config.items()
+        if k not in skip and v is not None and not isinstance(v, dict)
+    ]
+    if isinstance(method_config.get("refine"), dict):
+        items.append(f"`refine={method_config['refine'].get('steps')} steps`")
     return ", ".join(items)
 
 
