@@ -41,6 +41,7 @@ given (undamped) ``H`` and the original ``W``: the output-error proxy to compare
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -151,16 +152,11 @@ def propagation_target(
     Hd = H.to(device=W.device, dtype=dtype).clone()
     dead = torch.diagonal(Hd) == 0
     Hd[dead, dead] = 1
-    mean_diag, applied = torch.diagonal(Hd).mean(), 0.0
-    for tried in _damp_schedule(damp):
-        Hd.diagonal().add_((tried - applied) * mean_diag)
-        applied = tried
-        L, info = torch.linalg.cholesky_ex(Hd)
-        if info.item() == 0:
-            rhs = (W0 @ D.to(device=W.device, dtype=dtype)).T  # (W·D)ᵀ [K, N]
-            shift = torch.cholesky_solve(rhs, L).T  # (H_d⁻¹ (W·D)ᵀ)ᵀ = W·D·H_d⁻¹ (H_d symmetric)
-            if bool(torch.isfinite(shift).all()):
-                return W0 + alpha * shift
+    for L, _tried in _damped_choleskys(Hd, damp):
+        rhs = (W0 @ D.to(device=W.device, dtype=dtype)).T  # (W·D)ᵀ [K, N]
+        shift = torch.cholesky_solve(rhs, L).T  # (H_d⁻¹ (W·D)ᵀ)ᵀ = W·D·H_d⁻¹ (H_d symmetric)
+        if bool(torch.isfinite(shift).all()):
+            return W0 + alpha * shift
     logger.warning("error propagation: no usable factorization of H; rounding the unshifted weight")
     return W0.clone()
 
@@ -236,15 +232,7 @@ def _inverse_cholesky(H: torch.Tensor, damp: float, name: str) -> tuple[torch.Te
     H is damped IN PLACE (the caller's private copy: no extra [K, K] buffer per try). On failure damp
     grows ×DAMP_GROWTH up to DAMP_CAP; None when even the cap fails.
     """
-    mean_diag = torch.diagonal(H).mean()
-    applied = 0.0
-    tried = damp
-    for tried in _damp_schedule(damp):
-        H.diagonal().add_((tried - applied) * mean_diag)
-        applied = tried
-        L, info = torch.linalg.cholesky_ex(H)
-        if info.item() != 0:
-            continue
+    for L, tried in _damped_choleskys(H, damp):
         Hinv, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
         if info.item() == 0 and bool(torch.isfinite(Hinv).all()):
             if tried != damp:
@@ -255,7 +243,19 @@ def _inverse_cholesky(H: torch.Tensor, damp: float, name: str) -> tuple[torch.Te
                     tried,
                 )
             return Hinv, tried
-    return None, tried
+    return None, _damp_schedule(damp)[-1]
+
+
+def _damped_choleskys(H: torch.Tensor, damp: float) -> Iterator[tuple[torch.Tensor, float]]:
+    """Lower Cholesky factors L of ``H + d · mean(diag H) · I`` for d along :func:`_damp_schedule`,
+    skipping the d whose factorization fails -> (L, d). H is damped IN PLACE (the caller's copy)."""
+    mean_diag, applied = torch.diagonal(H).mean(), 0.0
+    for tried in _damp_schedule(damp):
+        H.diagonal().add_((tried - applied) * mean_diag)
+        applied = tried
+        L, info = torch.linalg.cholesky_ex(H)
+        if info.item() == 0:
+            yield L, tried
 
 
 def _damp_schedule(damp: float) -> list[float]:

@@ -95,6 +95,7 @@ class _Context:
     dtype: torch.dtype
     float_inputs: list[torch.Tensor] | None = None  # the float model's stream (error propagation)
     float_layer: nn.Module | None = None  # this layer before rounding (set while it is quantized)
+    float_outputs: list[torch.Tensor] | None = None  # float_layer on float_inputs, once computed
 
     def run(
         self,
@@ -237,6 +238,24 @@ class _Context:
                 y = layer(x.to(self.device, self.dtype), **kwargs)
                 outs.append((y[0] if isinstance(y, tuple) else y).clone())
         return outs
+
+    def float_targets(self) -> list[torch.Tensor]:
+        """``float_layer``'s outputs on the float stream, computed once per layer (refinement's targets;
+        :meth:`advance_float` then moves the float stream to them instead of running the layer again)."""
+        if self.float_outputs is None:
+            assert self.float_layer is not None and self.float_inputs is not None
+            self.float_outputs = self.outputs(self.float_layer, self.float_inputs)
+        return self.float_outputs
+
+    def advance_float(self) -> None:
+        """Move the float stream past this layer (its outputs overwrite its inputs) and drop the layer."""
+        assert self.float_layer is not None and self.float_inputs is not None
+        if self.float_outputs is None:
+            self.propagate(self.float_layer, self.float_inputs)
+        else:
+            for x, y in zip(self.float_inputs, self.float_outputs):
+                x.copy_(y)
+        self.float_layer = self.float_outputs = None
 
     def grad_batches(
         self, stream: list[torch.Tensor]
@@ -550,9 +569,8 @@ def _quantize_layer(
     ctx.propagate(layer)
     check_finite_activations(ctx.inputs, index, dtype)
     if ctx.float_layer is not None:
-        ctx.propagate(ctx.float_layer, ctx.float_inputs)
+        ctx.advance_float()
         check_finite_activations(ctx.float_inputs, index, dtype)
-        ctx.float_layer = None
     kill_point("layer.propagated")
     if notes:
         result = {

@@ -264,9 +264,9 @@ def make_plan(
     packed = int(q_params * bits / 8 + q_params / group * (2 + bits / 8) * 1.05)
     output = packed + other_bytes
     largest = max(shapes["layers"].values(), default=0)
-    from .methods import make_plan
+    from .methods import make_plan as make_layer_plan  # the per-layer plan, not this memory plan
 
-    layer_plan = make_plan(method)
+    layer_plan = make_layer_plan(method)
     calibrated = layer_plan.needs_calibration and calibration is not None
     n, seqlen = (calibration.n_samples, calibration.seqlen) if calibrated else (0, 0)
     on_cpu = not device.startswith("cuda")

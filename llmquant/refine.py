@@ -24,6 +24,7 @@ per-layer step the pipeline runs after the rounder (``methods.LayerPlan.refiner`
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Sequence
@@ -157,7 +158,7 @@ class Refiner:
         targets (on ``ctx.float_inputs``); the loss before/after goes into each linear's log."""
         t0 = time.perf_counter()
         batches = ctx.grad_batches(ctx.inputs)
-        targets = ctx.outputs(ctx.float_layer, ctx.float_inputs)
+        targets = ctx.float_targets()
         weights = {n: ctx.float_layer.get_submodule(n).weight.detach() for n in result}
         with torch.enable_grad():
             codes, before, after = refine_codes(layer, weights, result, batches, targets, self.config)
@@ -172,6 +173,4 @@ def _with_codes(qw: QuantizedWeight, codes: torch.Tensor) -> QuantizedWeight:
 
 
 def _noted(log, note: dict) -> object:
-    import dataclasses
-
     return dataclasses.replace(log, transform={**(log.transform or {}), **note})
