@@ -37,6 +37,7 @@ def main() -> int:
     p.add_argument("--sym", default="true", choices=["true", "false"])
     p.add_argument("--modifier", default="gptq", choices=["gptq", "autoround"])
     p.add_argument("--iters", type=int, default=200, help="AutoRound tuning steps per decoder layer")
+    p.add_argument("--lr", type=float, default=None, help="AutoRound learning rate (default: 1/iters)")
     p.add_argument("--dtype", default="auto", help="dtype the float model is loaded in (default: as stored)")
     args = p.parse_args()
 
@@ -73,7 +74,11 @@ def main() -> int:
     groups = {"group_0": QuantizationScheme(targets=["Linear"], weights=weights)}
     if args.modifier == "autoround":
         recipe = AutoRoundModifier(
-            config_groups=groups, ignore=["lm_head"], iters=args.iters, enable_torch_compile=False
+            config_groups=groups,
+            ignore=["lm_head"],
+            iters=args.iters,
+            lr=args.lr,
+            enable_torch_compile=False,
         )
     else:
         recipe = GPTQModifier(config_groups=groups, ignore=["lm_head"], dampening_frac=args.damp)
