@@ -14,12 +14,18 @@ A cell is "—" when that run has not been evaluated in any folder given.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import sys
 from pathlib import Path
 
+if str(Path(__file__).resolve().parent) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_quality import DEFAULT_EVAL  # noqa: E402
+from benchlib import evaluation, util  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
 SCHEMES = ["w4 g64 sym", "w4 g64 asym", "w4 g128 sym", "w4 g128 asym", "w3 g64 asym", "w2 g64 asym"]
 _SUFFIX = ["g64-sym", "g64-asym", "g128-sym", "g128-asym", "w3-g64-asym", "w2-g64-asym"]
 
@@ -46,69 +52,48 @@ LEVERS: list[tuple[str, list[str]]] = [
         ["", "", "", "", "llmcompressor-autoround-light-w3-g64-asym", ""],
     ),
 ]
-TOKENS_PER_WINDOW_OFFSET = 1  # each window scores seqlen - 1 next-token predictions
 
 
-Scores = dict[tuple[str, str, int], dict[int, tuple[float, float]]]
-DEFAULT_EVAL = (
-    Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
-)
+def _result(folder: Path, rid: str) -> dict | None:
+    path = folder / "runs" / f"{rid}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _windows(folders: list[Path], eval_sha: str) -> Scores:
-    """(run, stamp, seqlen) -> window -> (nll, kl) on the text of ``eval_sha``, from every folder's
-    evaluation cache."""
-    out: Scores = {}
-    for folder in folders:
-        path = folder / "eval_windows.jsonl"
-        if not path.is_file():
+def _folder_scores(folder: Path, eval_sha: str, windows: int, seqlen: int) -> dict[str, dict]:
+    """run id -> {"ppl", "kl", "result"} for one folder: its cached windows of the checkpoint each run's
+    result names (bench_quality's own stamps and reader), scored only when all ``windows`` are there."""
+    path, report = folder / "eval_windows.jsonl", folder / "results.json"
+    if not path.is_file():
+        return {}
+    results = {rid: r for _, ids in LEVERS for rid in filter(None, ids) if (r := _result(folder, rid))}
+    stamps = {rid: str(r.get("finished_at", r.get("checkpoint"))) for rid, r in results.items()}
+    if report.is_file():  # the float model's stamp: bench_quality's "float:<model dir>"
+        stamps["float16"] = f"float:{json.loads(report.read_text())['model']}"
+    done = evaluation.read_done(path, seqlen, eval_sha, stamps)
+    out: dict[str, dict] = {}
+    for rid in stamps:
+        if any((rid, w) not in done for w in range(windows)):
             continue
-        for line in path.read_text().splitlines():
-            rec = json.loads(line)
-            if rec["eval_sha"] != eval_sha:
-                continue
-            key = (rec["run"], rec["stamp"], rec["seqlen"])
-            out.setdefault(key, {})[rec["window"]] = (rec["nll"], rec["kl"])
+        scores = [done[(rid, w)] for w in range(windows)]
+        n = windows * (seqlen - 1)  # each window scores seqlen - 1 next-token predictions
+        out[rid] = {
+            "ppl": math.exp(sum(s.nll for s in scores) / n),
+            "kl": sum(s.kl or 0.0 for s in scores) / n,
+            "result": results.get(rid, {}),
+        }
     return out
 
 
-def _result(folders: list[Path], rid: str) -> dict | None:
-    for folder in folders:
-        path = folder / "runs" / f"{rid}.json"
-        if path.is_file():
-            return json.loads(path.read_text())
-    return None
-
-
-def _score(cache: Scores, rid: str, stamp: str, windows: int, seqlen: int) -> tuple[float, float] | None:
-    scores = cache.get((rid, stamp, seqlen))
-    if scores is None or any(w not in scores for w in range(windows)):
-        return None
-    n = windows * (seqlen - TOKENS_PER_WINDOW_OFFSET)
-    nll = sum(scores[w][0] for w in range(windows))
-    kl = sum(scores[w][1] for w in range(windows))
-    return math.exp(nll / n), kl / n
-
-
 def collect(folders: list[Path], eval_sha: str, windows: int, seqlen: int) -> dict[str, dict]:
-    """run id -> {"ppl", "kl", "seconds", "cpu", "rss", "load"} for every run of the layout found."""
-    cache = _windows(folders, eval_sha)
-    float_stamp = next((k[1] for k in cache if k[0] == "float16"), None)
+    """run id -> {"ppl", "kl", "seconds", "cpu", "rss", "load"} for every run of the layout found; the
+    first folder that scores a run wins."""
     found: dict[str, dict] = {}
-    if float_stamp is not None and (s := _score(cache, "float16", float_stamp, windows, seqlen)):
-        found["float16"] = {"ppl": s[0], "kl": 0.0}
-    for _, ids in LEVERS:
-        for rid in filter(None, ids):
-            res = _result(folders, rid)
-            if res is None:
+    for folder in folders:
+        for rid, score in _folder_scores(folder, eval_sha, windows, seqlen).items():
+            if rid in found:
                 continue
-            stamp = str(res.get("finished_at", res.get("checkpoint")))
-            score = _score(cache, rid, stamp, windows, seqlen)
-            if score is None:
-                continue
-            found[rid] = {
-                "ppl": score[0],
-                "kl": score[1],
+            res = score.pop("result")
+            found[rid] = score | {
                 "seconds": res.get("quant_seconds"),
                 "cpu": res.get("quant_cpu_seconds"),
                 "rss": res.get("peak_rss_bytes"),
@@ -143,11 +128,11 @@ def render(found: dict[str, dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("folders", type=Path, nargs="+", help="bench_quality.py --out folders, searched in order")
-    p.add_argument("--eval-file", type=Path, default=DEFAULT_EVAL, help="the text the scores are on")
+    p.add_argument("--eval-file", type=Path, default=REPO / DEFAULT_EVAL, help="the text the scores are on")
     p.add_argument("--windows", type=int, default=12)
     p.add_argument("--seqlen", type=int, default=2048)
     args = p.parse_args(argv)
-    sha = hashlib.sha256(args.eval_file.read_bytes()).hexdigest()
+    sha = util.sha256_file(args.eval_file)
     sys.stdout.write(render(collect(args.folders, sha, args.windows, args.seqlen)))
     return 0
 

@@ -78,7 +78,7 @@ def load_models(results: dict[str, dict], model_dir: Path, window: Any) -> dict[
     return models
 
 
-def _read_done(path: Path, seqlen: int, eval_sha: str, stamps: dict[str, str]) -> dict[tuple[str, int], Any]:
+def read_done(path: Path, seqlen: int, eval_sha: str, stamps: dict[str, str]) -> dict[tuple[str, int], Any]:
     """Scores in the per-window file that are still valid: same text, window length and checkpoint."""
     from llmquant.evaluate import WindowScore
 
@@ -117,7 +117,7 @@ def evaluate_runs(
     from llmquant.evaluate import evaluate_models
 
     path = out / "eval_windows.jsonl"
-    done = _read_done(path, seqlen, stamps["__eval__"], stamps) if resume and path.is_file() else {}
+    done = read_done(path, seqlen, stamps["__eval__"], stamps) if resume and path.is_file() else {}
     if not resume:
         path.unlink(missing_ok=True)
     timings: list[str] = []  # "run seconds" of the window being scored, printed when it is done
