@@ -43,6 +43,7 @@ LEVERS: list[tuple[str, list[str]]] = [
     ("GPTQ searched + error propagation α 0.5", _ids("gptq", "-search-ep05")),
     ("AWQ (+ RTN)", _ids("awq")),
     ("AWQ + GPTQ, searched grid", _ids("awq+gptq", "-search")),
+    ("AWQ + GPTQ searched + error propagation α 0.5", _ids("awq+gptq", "-search-ep05")),
     (
         "llm-compressor GPTQ (peer)",
         ["llmcompressor-gptq-g64-sym-ao", "", "", "", "llmcompressor-gptq-w3-g64-asym", ""],

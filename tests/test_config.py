@@ -161,7 +161,7 @@ DEFAULT_CONFIGS = [QuantScheme(), RTNConfig(), GPTQConfig(), AWQConfig(), Calibr
 @pytest.mark.parametrize("cfg", DEFAULT_CONFIGS + NON_DEFAULT_CONFIGS, ids=repr)
 def test_to_dict_from_dict_round_trip(cfg):
     d = cfg.to_dict()
-    assert d["version"] == 1
+    assert d["version"] == (2 if isinstance(cfg, GPTQConfig) else 1)
     back = type(cfg).from_dict(d)
     assert back == cfg
     assert type(back) is type(cfg)
@@ -203,8 +203,24 @@ def test_from_dict_rejects_unknown_key_in_nested_scheme():
 
 
 def test_from_dict_rejects_newer_version():
-    with pytest.raises(ValueError, match="version 2 is newer"):
-        GPTQConfig.from_dict({**GPTQConfig().to_dict(), "version": 2})
+    with pytest.raises(ValueError, match="version 3 is newer"):
+        GPTQConfig.from_dict({**GPTQConfig().to_dict(), "version": 3})
+
+
+def test_gptq_default_is_error_propagation_half():
+    assert GPTQConfig().error_propagation == 0.5
+
+
+def test_version_1_gptq_dict_without_error_propagation_is_plain_gptq():
+    """Dicts written before ``error_propagation`` existed (version 1) ran plain GPTQ, not today's default;
+    a version-1 dict that names it keeps its value."""
+    old = {k: v for k, v in GPTQConfig().to_dict().items() if k != "error_propagation"} | {"version": 1}
+    assert GPTQConfig.from_dict(old) == GPTQConfig(error_propagation=0.0)
+    assert GPTQConfig.from_dict(old | {"error_propagation": 1.0}).error_propagation == 1.0
+    nested = AWQConfig(rounder=GPTQConfig(AWQConfig().scheme)).to_dict()
+    rounder = {k: v for k, v in nested["rounder"].items() if k != "error_propagation"}
+    nested["rounder"] = rounder | {"version": 1}
+    assert AWQConfig.from_dict(nested).rounder.error_propagation == 0.0
 
 
 def test_from_dict_rejects_newer_nested_scheme_version():

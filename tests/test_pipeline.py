@@ -245,7 +245,8 @@ def test_error_propagation_first_group_equals_gptq(make_tiny_llama) -> None:
     """Layer 0's q/k/v see the same inputs in both streams (X̃ = X), so their codes equal plain GPTQ's;
     later groups see different streams and change."""
     blocks = _blocks()
-    plain = pipeline.quantize(make_tiny_llama(), GPTQConfig(SCHEME), blocks, progress=False)
+    plain_cfg = GPTQConfig(SCHEME, error_propagation=0.0)
+    plain = pipeline.quantize(make_tiny_llama(), plain_cfg, blocks, progress=False)
     prop = pipeline.quantize(make_tiny_llama(), PROPAGATION, blocks, progress=False)
     for name in ("q_proj", "k_proj", "v_proj"):
         full = f"model.layers.0.self_attn.{name}"
@@ -261,7 +262,7 @@ def test_error_propagation_lowers_the_output_error(make_tiny_llama) -> None:
         ref = make_tiny_llama(layers=4)(blocks.input_ids).logits
     errs = {}
     scheme = QuantScheme(3, 32, False)
-    for cfg in (GPTQConfig(scheme), GPTQConfig(scheme, error_propagation=1.0)):
+    for cfg in (GPTQConfig(scheme, error_propagation=0.0), GPTQConfig(scheme, error_propagation=1.0)):
         result = pipeline.quantize(make_tiny_llama(layers=4), cfg, blocks, progress=False)
         with torch.no_grad():
             errs[cfg.error_propagation] = (result.model(blocks.input_ids).logits - ref).pow(2).mean().item()

@@ -159,6 +159,7 @@ RUNS: list[RunSpec] = [
     RunSpec("awq+gptq-g128-sym", "awq+gptq", 128, True),
     RunSpec("awq+gptq-g64-sym-gptqfmt", "awq+gptq", 64, True, fmt="gptq"),
     RunSpec("awq+gptq-g64-sym-search", "awq+gptq", 64, True, grid="search", fmt="gptq"),
+    RunSpec("awq+gptq-g64-sym-search-ep05", "awq+gptq", 64, True, grid="search", fmt="gptq", propagation=0.5),
     RunSpec("awq+gptq-g64-asym-search", "awq+gptq", 64, False, grid="search"),
 ]
 RUNS_BY_ID = {r.id: r for r in RUNS}
