@@ -123,7 +123,8 @@ def test_activation_cache_on_disk_when_no_batch_size_fits(
     code, err = _run(capsys, caplog, _cmd(tiny_checkpoint, tmp_path / "out", calib_text_file, 1))
     assert code == 0, err
     assert "adapting (activation cache on disk in OUT.partial)" in err
-    assert seen == [tmp_path / "out.partial" / "activations.cache"]
+    partial = tmp_path / "out.partial"  # both streams' caches (the default GPTQ carries the float one)
+    assert seen == [partial / pipeline.ACTIVATION_CACHE, partial / pipeline.FLOAT_ACTIVATION_CACHE]
     assert _files(tmp_path / "out") == _files(ref) and not (tmp_path / "out.partial").exists()
 
 
