@@ -26,28 +26,24 @@ import torch
 SEQLEN = 2048
 
 
+MODES = {"ct": "dequantize", "gptqmodel": "gptqmodel"}  # reader -> hf_child's loading mode
+
+
 def load(reader: str, checkpoint: str):
+    """The model as ``reader`` decodes it, in float32: the transformers readers load the way
+    ``check_clients.py``'s child does (``hf_child.load``)."""
     if reader == "llmquant":
         from llmquant import from_pretrained
 
         return from_pretrained(checkpoint, dtype=torch.float32, progress=False)
-    from transformers import AutoModelForCausalLM
+    from hf_child import load as hf_load  # this script's folder is on sys.path when run as a script
 
-    if reader == "ct":
-        from transformers import CompressedTensorsConfig
-
-        quant = CompressedTensorsConfig(dequantize=True)
-        return AutoModelForCausalLM.from_pretrained(
-            checkpoint, dtype=torch.float32, quantization_config=quant
-        )
-    if reader == "gptqmodel":
-        return AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32, device_map="cpu")
-    raise SystemExit(f"unknown reader {reader!r}: ct, gptqmodel or llmquant")
+    return hf_load({"checkpoint": checkpoint, "dtype": "float32", "mode": MODES[reader]})[0]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("reader", choices=["ct", "gptqmodel", "llmquant"])
+    parser.add_argument("reader", choices=[*MODES, "llmquant"])
     parser.add_argument("checkpoint")
     parser.add_argument("text")
     parser.add_argument("--windows", type=int, default=12)
