@@ -5,7 +5,8 @@ Tensors per linear (features.md B1/B2), with N = out_features, K = in_features, 
 - ``qweight`` int32 [ceil(K*b/32), N]: codes packed along K (dim 0) as a dense LSB-first bitstream
   (element k at bits [b*k, b*k+b)); for 3 bits this is GPTQ's 10|1|10|1|10 split of 32 rows over 3 words.
 - ``qzeros``  int32 [G, ceil(N*b/32)]: zeros packed along N (dim 1), same bit order. v1 stores
-  ``zero - 1`` (so it cannot hold zero = 0: asym must use v2), v2 stores the true zero.
+  ``zero - 1`` (so it cannot hold zero = 0: asym must use v2), v2 stores the true zero. Reading v1,
+  zero = (stored + 1) mod 2**b: other writers store an asym zero 0 as -1, wrapped to 2**b - 1.
 - ``scales``  float16 [G, N].
 - ``g_idx``   int32 [K]: always written; ``k // gs`` unless an act-order permutation is stored.
 
@@ -128,16 +129,12 @@ class _GPTQ(CheckpointFormat):
         b = scheme.bits
         codes = bitpack.unpack(tensors["qweight"], b, in_features, dim=0).t().contiguous()  # [K,N]->[N,K]
         stored = bitpack.unpack(tensors["qzeros"], b, out_features, dim=1).t()  # [G, N] -> [N, G]
-        zeros = stored.to(torch.int64) + self.zero_offset
-        if int(zeros.max()) > 255:
-            raise ValueError(f"{self.name}: stored zero {(1 << b) - 1} + 1 does not fit; corrupt qzeros?")
-        if self.zero_offset and int(zeros.max()) > scheme.maxq:
-            logger.warning(
-                "%s: qzeros hold %d (zero %d > maxq): likely an asym v1 checkpoint whose zero=0 overflowed",
-                self.name,
-                (1 << b) - 1,
-                1 << b,
-            )
+        zeros = (stored.to(torch.int64) + self.zero_offset) % (1 << b)
+        if self.zero_offset and bool((zeros == 0).any()):
+            # v1 writers (AutoGPTQ, auto-round's auto_gptq export) store zero 0 as -1, which wraps to
+            # 2**b - 1 in b bits; that stored value cannot mean zero 2**b (> maxq), so it reads as 0, the
+            # way GPTQModel's v1 -> v2 conversion reads it.
+            logger.debug("%s: asym v1 qzeros hold %d, read as zero 0 (a wrapped -1)", self.name, (1 << b) - 1)
         g_idx = read_g_idx(tensors.get("g_idx"), in_features, scheme)
         return QuantizedWeight(
             codes=codes,

@@ -94,6 +94,26 @@ PEERS: list[PeerSpec] = [
         ),
     ),
     PeerSpec(
+        name="llmcompressor",  # auto-round 0.15.1 is installed there as llm-compressor's dependency
+        run_id="autoround-light-w3-g64-asym",
+        requirement="llmcompressor==0.14.0.1",
+        script="scripts/peers/autoround_native.py",
+        label="auto-round 0.15.1 (its own API)",
+        settings="AutoRound int3 asym, group 64, its CLI's 'light' recipe (50 iters, lr 5e-3), batch 8, "
+        "seed 42, torch.compile off (CPU), saved as auto_gptq",
+        args=("--recipe", "light", "--bits", "3", "--group-size", "64", "--sym", "false"),
+    ),
+    PeerSpec(
+        name="llmcompressor",
+        run_id="autoround-w3-g64-asym",
+        requirement="llmcompressor==0.14.0.1",
+        script="scripts/peers/autoround_native.py",
+        label="auto-round 0.15.1 (its own API)",
+        settings="AutoRound int3 asym, group 64, its default recipe (200 iters, lr 1/iters), batch 8, "
+        "seed 42, torch.compile off (CPU), saved as auto_gptq",
+        args=("--recipe", "default", "--bits", "3", "--group-size", "64", "--sym", "false"),
+    ),
+    PeerSpec(
         name="gptqmodel",
         run_id="gptqmodel-gptq-g128-sym",
         requirement="gptqmodel==7.7.0",

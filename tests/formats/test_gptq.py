@@ -149,6 +149,21 @@ def test_unpack_reads_foreign_v1_zeros_and_desc_act_g_idx() -> None:
         V1.unpack(tensors, QuantScheme(4, 4), n, k)
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_unpack_v1_reads_wrapped_minus_one_as_zero_0(bits: int) -> None:
+    """AutoGPTQ and auto-round's auto_gptq export store an asym zero 0 as -1, i.e. 2**b - 1 in b bits
+    (GPTQModel reads it back as 0). Zero 0 must come back as 0, every other zero z as stored + 1."""
+    n, k, gs = 12, 64, 32
+    maxq = (1 << bits) - 1
+    true = torch.randint(0, maxq + 1, (n, k // gs))
+    true[0, 0], true[5, 1], true[3, 0] = 0, 0, maxq
+    stored = (true - 1) % (1 << bits)  # what those writers pack: -1 wraps to 2**b - 1
+    packed = V2.pack(make_qw([[0] * k] * n, stored.tolist(), bits=bits, group_size=gs))
+    qw = V1.unpack(packed, QuantScheme(bits, gs, sym=False), n, k)
+    assert torch.equal(qw.zeros.long(), true)
+    assert torch.equal(qw.dequantize(), make_qw([[0] * k] * n, true.tolist(), bits, gs).dequantize())
+
+
 def test_quantization_config_v1_and_quantize_config_json() -> None:
     qc = V1.quantization_config(
         QuantScheme(4, 128),
