@@ -49,9 +49,11 @@ LEVERS: list[tuple[str, list[str]]] = [
         ["llmcompressor-gptq-g64-sym-ao", "", "", "", "llmcompressor-gptq-w3-g64-asym", ""],
     ),
     (
-        "llm-compressor AutoRound light (peer)",
+        "llm-compressor AutoRound light (peer; drops asym zero points)",
         ["", "", "", "", "llmcompressor-autoround-light-w3-g64-asym", ""],
     ),
+    ("auto-round, its own API, light recipe (peer)", ["", "", "", "", "autoround-light-w3-g64-asym", ""]),
+    ("auto-round, its own API, default recipe (peer)", ["", "", "", "", "autoround-w3-g64-asym", ""]),
 ]
 
 

@@ -1,7 +1,8 @@
 """Cost and layer-loss effect of ``--refine`` on the first decoder layers of a model.
 
 Quantizes a truncated copy of the model (its first ``--layers`` decoder layers) with GPTQ (w3 g64 asym,
-search grid by default) once per ``--steps`` value (0 = no refinement) on the calibration ids that
+search grid and error propagation α 0.5 by default; ``--method rtn`` for RTN with ``--grid``) once per
+``--steps`` value (0 = no refinement) on the calibration ids that
 ``bench_quality.py`` wrote, and prints the seconds each run took; the refinement's loss before/after per
 layer is logged at INFO level ("refine layer i: loss a -> b in s")::
 
@@ -21,7 +22,7 @@ from transformers import AutoModelForCausalLM
 
 from llmquant import pipeline
 from llmquant.calibration import CalibrationBlocks, fingerprint
-from llmquant.config import GPTQConfig, QuantScheme, RefineConfig
+from llmquant.config import GPTQConfig, QuantScheme, RefineConfig, RTNConfig
 
 
 def main() -> None:
@@ -32,6 +33,10 @@ def main() -> None:
     p.add_argument("--bits", type=int, default=3)
     p.add_argument("--group-size", type=int, default=64)
     p.add_argument("--steps", type=int, nargs="+", default=[0, 16, 64])
+    p.add_argument("--method", choices=["gptq", "rtn"], default="gptq")
+    p.add_argument("--grid", default="search", help="the rounder's grid (default: search)")
+    p.add_argument("--error-propagation", type=float, default=0.5, help="GPTQ's α (default: 0.5)")
+    p.add_argument("--lr", type=float, default=None, help="refinement step size (default: 1 / steps)")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     tensors = load_file(args.calib_ids)
@@ -42,7 +47,11 @@ def main() -> None:
         model.model.layers = model.model.layers[: args.layers]
         model.config.num_hidden_layers = args.layers
         scheme = QuantScheme(args.bits, args.group_size, False)
-        cfg = GPTQConfig(scheme, refine=RefineConfig(steps) if steps else None)
+        refine = RefineConfig(steps, lr=args.lr) if steps else None
+        if args.method == "rtn":
+            cfg = RTNConfig(scheme, grid=args.grid, refine=refine)
+        else:
+            cfg = GPTQConfig(scheme, grid=args.grid, error_propagation=args.error_propagation, refine=refine)
         t0 = time.perf_counter()
         pipeline.quantize(model, cfg, blocks, progress=False)
         logging.info("steps=%d: %.1f s for %d layers", steps, time.perf_counter() - t0, args.layers)

@@ -48,6 +48,7 @@ class RunSpec:
     search_samples: int | None = None  # AWQ: sequences replayed per scale candidate (None: default, 8)
     fmt: str | None = None  # the checkpoint format, when not the method's natural one
     propagation: float = 0.0  # GPTQ's error_propagation α (GPTAQ)
+    refine: int = 0  # --refine STEPS after the rounder (0: none)
 
     @property
     def format(self) -> str | None:
@@ -78,15 +79,18 @@ class RunSpec:
             parts.append(f"grid {self.grid}")
         if self.propagation:
             parts.append(f"error propagation α {self.propagation:g}")
+        if self.refine:
+            parts.append(f"refine {self.refine} steps")
         if self.method in ("gptq", "awq+gptq"):
             parts.append("damp 0.01, true_sequential")
         return ", ".join(parts)
 
     def method_config(self) -> dict[str, Any]:
         """``config.to_dict() | {"method": ...}`` of the llmquant config (JSON, for the child)."""
-        from llmquant.config import AWQConfig, GPTQConfig, QuantScheme, RTNConfig
+        from llmquant.config import AWQConfig, GPTQConfig, QuantScheme, RefineConfig, RTNConfig
 
         scheme = QuantScheme(bits=self.bits, group_size=self.group_size, sym=self.sym)
+        refine = RefineConfig(self.refine) if self.refine else None
         if self.method.startswith("awq"):
             rounder = None
             if self.method == "awq+gptq":
@@ -94,7 +98,7 @@ class RunSpec:
             extra = {"search_samples": self.search_samples} if self.search_samples else {}
             cfg = AWQConfig(scheme=scheme, rounder=rounder, **extra)
         elif self.method == "rtn":
-            cfg = RTNConfig(scheme=scheme, grid=self.grid)
+            cfg = RTNConfig(scheme=scheme, grid=self.grid, refine=refine)
         elif self.method == "gptq":
             cfg = GPTQConfig(
                 scheme=scheme,
@@ -102,6 +106,7 @@ class RunSpec:
                 static_groups=self.static_groups,
                 grid=self.grid,
                 error_propagation=self.propagation,
+                refine=refine,
             )
         else:
             raise ValueError(f"run {self.id} has no quantizer config")
@@ -144,6 +149,16 @@ RUNS: list[RunSpec] = [
     RunSpec("gptq-g128-sym-search", "gptq", 128, True, grid="search"),
     RunSpec("gptq-g128-sym-search-ep05", "gptq", 128, True, grid="search", propagation=0.5),
     RunSpec("gptq-w2-g64-asym-search-ep05", "gptq", 64, False, grid="search", bits=2, propagation=0.5),
+    RunSpec(
+        "gptq-w3-g64-asym-search-ep05-refine64",
+        "gptq",
+        64,
+        False,
+        grid="search",
+        bits=3,
+        propagation=0.5,
+        refine=64,
+    ),
     RunSpec("rtn-w2-g64-asym", "rtn", 64, False, bits=2),
     RunSpec("gptq-w2-g64-asym", "gptq", 64, False, bits=2),
     RunSpec("gptq-w2-g64-asym-search", "gptq", 64, False, grid="search", bits=2),
