@@ -27,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -114,13 +114,15 @@ def refine_codes(
     batches: Sequence[Batch],
     targets: Sequence[torch.Tensor],
     config: RefineConfig,
+    trace: Callable[[int, dict[str, _Offsets]], None] | None = None,
 ) -> tuple[dict[str, torch.Tensor], float, float]:
     """Refined codes of every linear in ``result`` (name -> uint8 [N, K]), and the loss before / after.
 
     ``layer``: the decoder layer (its linears' weights are substituted, never modified); ``weights``:
     name -> float weight [N, K]; ``batches``: the quantized stream's inputs; ``targets``: the float
     layer's outputs on the float stream, one per batch. The rounder's codes come back unchanged (and
-    after == before) when refinement does not lower the loss.
+    after == before) when refinement does not lower the loss. ``trace(step, offsets)``, if given, is
+    called after every step (diagnostics: ``scripts/refine_cost.py --trace``).
     """
     offsets = {n: _Offsets.start(weights[n].float(), qw) for n, (qw, _log) in result.items()}
     before = _total_loss(layer, offsets, batches, targets)
@@ -139,6 +141,8 @@ def refine_codes(
         with torch.no_grad():
             for o, g in zip(offsets.values(), grads):
                 o.v.sub_(rate * torch.sign(g)).clamp_(min=o.lo, max=o.hi)
+        if trace is not None:
+            trace(step + 1, offsets)
     for o in offsets.values():
         o.v.requires_grad_(False)
     after = _total_loss(layer, offsets, batches, targets)

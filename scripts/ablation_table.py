@@ -41,6 +41,7 @@ LEVERS: list[tuple[str, list[str]]] = [
     ("GPTQ, searched grid (default grid)", _ids("gptq", "-search")),
     ("GPTQ searched + error propagation α 1", _ids("gptq", "-search-ep")),
     ("GPTQ searched + error propagation α 0.5", _ids("gptq", "-search-ep05")),
+    ("GPTQ searched + α 0.5 + `--refine 64`", _ids("gptq", "-search-ep05-refine64")),
     ("AWQ (+ RTN)", _ids("awq")),
     ("AWQ + GPTQ, searched grid", _ids("awq+gptq", "-search")),
     ("AWQ + GPTQ searched + error propagation α 0.5", _ids("awq+gptq", "-search-ep05")),

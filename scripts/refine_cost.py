@@ -4,7 +4,8 @@ Quantizes a truncated copy of the model (its first ``--layers`` decoder layers) 
 search grid and error propagation α 0.5 by default; ``--method rtn`` for RTN with ``--grid``) once per
 ``--steps`` value (0 = no refinement) on the calibration ids that
 ``bench_quality.py`` wrote, and prints the seconds each run took; the refinement's loss before/after per
-layer is logged at INFO level ("refine layer i: loss a -> b in s")::
+layer is logged at INFO level ("refine layer i: loss a -> b in s"). ``--trace K`` also logs, every K
+steps, the loss over every calibration batch and how many codes differ from the rounder's::
 
     python scripts/refine_cost.py --model ~/.cache/llmquant/smollm2-135m-instruct \\
         --calib-ids /tmp/bq/calibration_ids.safetensors --steps 0 16 64
@@ -20,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from llmquant import pipeline
+from llmquant import pipeline, refine
 from llmquant.calibration import CalibrationBlocks, fingerprint
 from llmquant.config import GPTQConfig, QuantScheme, RefineConfig, RTNConfig
 
@@ -37,8 +38,11 @@ def main() -> None:
     p.add_argument("--grid", default="search", help="the rounder's grid (default: search)")
     p.add_argument("--error-propagation", type=float, default=0.5, help="GPTQ's α (default: 0.5)")
     p.add_argument("--lr", type=float, default=None, help="refinement step size (default: 1 / steps)")
+    p.add_argument("--trace", type=int, default=0, help="log the full calibration loss every K steps")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.trace:
+        _install_trace(args.trace)
     tensors = load_file(args.calib_ids)
     ids, mask = tensors["input_ids"], tensors["attention_mask"]
     blocks = CalibrationBlocks(ids, mask, "ids", fingerprint(ids, mask))
@@ -55,6 +59,28 @@ def main() -> None:
         t0 = time.perf_counter()
         pipeline.quantize(model, cfg, blocks, progress=False)
         logging.info("steps=%d: %.1f s for %d layers", steps, time.perf_counter() - t0, args.layers)
+
+
+def _install_trace(every: int) -> None:
+    """Wrap ``refine.refine_codes`` (the Refiner looks it up at call time) with a per-step trace."""
+    plain = refine.refine_codes
+
+    def traced(layer, weights, result, batches, targets, config, trace=None):
+        def log(step: int, offsets: dict) -> None:
+            if step % every:
+                return
+            full = refine._total_loss(layer, offsets, batches, targets)
+            flips = sum(
+                int((offsets[n].codes() != qw.codes.to(offsets[n].v.device)).sum())
+                for n, (qw, _) in result.items()
+            )
+            logging.info(
+                "  step %d: loss over every batch %.4f, %d codes differ from the rounder's", step, full, flips
+            )
+
+        return plain(layer, weights, result, batches, targets, config, trace=log)
+
+    refine.refine_codes = traced
 
 
 if __name__ == "__main__":

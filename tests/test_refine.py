@@ -80,6 +80,26 @@ def test_refinement_is_deterministic_for_a_seed() -> None:
     assert all(torch.equal(a[n], b[n]) for n in a)
 
 
+def test_trace_sees_every_step_and_the_final_offsets() -> None:
+    """The diagnostics hook: called once per step, in order; at the last step its offsets give the codes
+    returned (when refinement won) and the loss reported."""
+    block, weights, result, batches, targets = _problem(1)
+    seen: list[int] = []
+    last: dict = {}
+
+    def trace(step: int, offsets: dict) -> None:
+        seen.append(step)
+        last["loss"] = _total_loss(block, offsets, batches, targets)
+        last["codes"] = {n: o.codes() for n, o in offsets.items()}
+
+    codes, before, after = refine_codes(
+        block, weights, result, batches, targets, RefineConfig(20), trace=trace
+    )
+    assert seen == list(range(1, 21))
+    assert after < before and last["loss"] == pytest.approx(after)
+    assert all(torch.equal(codes[n], last["codes"][n]) for n in codes)
+
+
 @pytest.mark.parametrize("bad", [{"steps": 0}, {"steps": 2.5}, {"lr": 0.0}, {"lr": 2.0}, {"seed": "x"}])
 def test_refine_config_validation(bad: dict) -> None:
     with pytest.raises(ValueError, match="refine"):
