@@ -220,10 +220,12 @@ def run_peer(root: Path, peer: PeerSpec, paths: dict[str, Path], resume: bool) -
 
     result_path = paths["runs"] / f"{peer.run_id}.json"
     cmd = peer_command(root, peer, paths)
-    spec = {"cmd": cmd[1:], "requirement": peer.requirement}
+    spec = peer_spec(cmd, peer)
     if resume and result_path.is_file():
         old = json.loads(result_path.read_text())
-        if old.get("spec") == spec and (Path(old.get("checkpoint", "")) / "config.json").is_file():
+        was = old.get("spec") or {}
+        was = {**was, "cmd": _script_relative(was.get("cmd", []), peer)}  # results written before 2026-12-07
+        if was == spec and (Path(old.get("checkpoint", "")) / "config.json").is_file():
             print(f"[{peer.run_id}] reusing {old['checkpoint']}", flush=True)
             return old
     log = paths["logs"] / f"{peer.run_id}.log"
@@ -231,7 +233,8 @@ def run_peer(root: Path, peer: PeerSpec, paths: dict[str, Path], resume: bool) -
         ensure_peer_venv(root, peer, paths["logs"] / f"peer-setup-{peer.name}.log")
     except RuntimeError as exc:
         return {"error": str(exc), "spec": spec}
-    result_path.unlink(missing_ok=True)
+    # an earlier result (and its log) is moved aside, never deleted: it comes back if this run fails
+    previous = _set_aside(result_path), _set_aside(log)
     print(f"[{peer.run_id}] quantizing with {peer.label} ... log: {log}", flush=True)
     with open(log, "w") as fh:
         fh.write(f"$ {shlex.join(cmd)}\n")
@@ -240,8 +243,29 @@ def run_peer(root: Path, peer: PeerSpec, paths: dict[str, Path], resume: bool) -
             cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=REPO, env=os.environ | dict(peer.env)
         )
     if proc.returncode != 0 or not result_path.is_file():
+        if previous[0] is not None and not result_path.exists():
+            os.replace(previous[0], result_path)
         tail = " | ".join(log.read_text().strip().splitlines()[-3:])
         return {"error": f"{peer.label} failed (rc={proc.returncode}): {tail[-300:]}", "spec": spec}
     out = json.loads(result_path.read_text()) | {"spec": spec}
     write_result(str(result_path), out)
     return out
+
+
+def peer_spec(cmd: list[str], peer: PeerSpec) -> dict:
+    """What ``--resume`` compares: the command without the interpreter, with the peer script named by its
+    path in the repository (a checkout elsewhere, e.g. a worktree, runs the same peer), and the pin."""
+    return {"cmd": _script_relative(cmd[1:], peer), "requirement": peer.requirement}
+
+
+def _script_relative(args: list[str], peer: PeerSpec) -> list[str]:
+    return [peer.script if str(a).endswith("/" + peer.script) else a for a in args]
+
+
+def _set_aside(path: Path) -> Path | None:
+    """Rename ``path`` to ``path.prev`` (replacing an older one); the new name, or None if absent."""
+    if not path.is_file():
+        return None
+    prev = path.with_name(path.name + ".prev")
+    os.replace(path, prev)
+    return prev
