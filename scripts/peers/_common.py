@@ -13,6 +13,8 @@ import json
 import os
 import resource
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -76,3 +78,37 @@ def write_result(path: str, data: dict[str, Any]) -> None:
     tmp = Path(path).with_name(Path(path).name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
     os.replace(tmp, path)
+
+
+class Meter:
+    """The timings and RSS a peer script reports, noted as it goes (``start`` at construction)::
+
+    meter = Meter()             # before the heavy imports
+    ...imports...; meter.imported()
+    with meter.phase("load"): model = ...
+    with meter.phase("quant"): quantize(model)   # wall + CPU seconds, load average before/after
+    with meter.phase("save"): save(model)
+    write_result(path, {"library": ...} | meter.fields())
+    """
+
+    def __init__(self) -> None:
+        self._fields: dict[str, Any] = {"rss_start_bytes": current_rss_bytes()}
+
+    def imported(self) -> None:
+        self._fields["rss_imports_bytes"] = current_rss_bytes()
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        before, t0, c0 = load_average(), time.perf_counter(), cpu_seconds()
+        yield
+        self._fields[f"{name}_seconds"] = time.perf_counter() - t0
+        if name == "load":
+            self._fields["rss_after_load_bytes"] = current_rss_bytes()
+            self._fields["peak_rss_after_load_bytes"] = peak_rss_bytes()
+        elif name == "quant":
+            self._fields["quant_cpu_seconds"] = cpu_seconds() - c0
+            self._fields["peak_rss_bytes"] = peak_rss_bytes()
+            self._fields["loadavg_1min_before_after"] = [before, load_average()]
+
+    def fields(self) -> dict[str, Any]:
+        return dict(self._fields)

@@ -15,20 +15,11 @@ checkpoint written through it pairs AutoRound's scales with placeholder zero poi
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import (  # noqa: E402
-    base_parser,
-    cpu_seconds,
-    current_rss_bytes,
-    load_average,
-    load_calibration_ids,
-    peak_rss_bytes,
-    write_result,
-)
+from _common import Meter, base_parser, load_calibration_ids, write_result  # noqa: E402
 
 RECIPES = {"light": {"iters": 50, "lr": 5e-3}, "default": {"iters": 200, "lr": None}}
 
@@ -41,7 +32,7 @@ def main() -> int:
     p.add_argument("--iters", type=int, default=None, help="override the recipe's iterations (smoke tests)")
     args = p.parse_args()
 
-    rss_start = current_rss_bytes()
+    meter = Meter()
     import auto_round
     import torch
     from auto_round import AutoRound
@@ -50,12 +41,10 @@ def main() -> int:
     ids, mask = load_calibration_ids(args.calib)
     dataset = [{"input_ids": ids[i : i + 1], "attention_mask": mask[i : i + 1]} for i in range(ids.shape[0])]
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    rss_imports = current_rss_bytes()
+    meter.imported()
 
-    t0 = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype="auto").eval()
-    load_seconds = time.perf_counter() - t0
-    rss_after_load, peak_after_load = current_rss_bytes(), peak_rss_bytes()
+    with meter.phase("load"):
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype="auto").eval()
 
     recipe = dict(RECIPES[args.recipe])
     if args.iters is not None:
@@ -76,18 +65,12 @@ def main() -> int:
         enable_torch_compile=False,
         device_map="cpu",
     )
-    load_before = load_average()
-    t0, c0 = time.perf_counter(), cpu_seconds()
-    ar.quantize()
-    quant_seconds, quant_cpu_seconds = time.perf_counter() - t0, cpu_seconds() - c0
-    peak_after_quant = peak_rss_bytes()
-    load_after = load_average()
-
-    t0 = time.perf_counter()
+    with meter.phase("quant"):
+        ar.quantize()
     out = Path(args.out)
-    ar.save_quantized(str(out), format="auto_gptq", inplace=True)
-    tokenizer.save_pretrained(out)
-    save_seconds = time.perf_counter() - t0
+    with meter.phase("save"):
+        ar.save_quantized(str(out), format="auto_gptq", inplace=True)
+        tokenizer.save_pretrained(out)
     write_result(
         args.result,
         {
@@ -95,20 +78,11 @@ def main() -> int:
             "version": getattr(auto_round, "__version__", None),
             "torch": torch.__version__,
             "settings": vars(args) | recipe,
-            "quant_seconds": quant_seconds,
-            "quant_cpu_seconds": quant_cpu_seconds,
-            "loadavg_1min_before_after": [load_before, load_after],
-            "load_seconds": load_seconds,
-            "save_seconds": save_seconds,
-            "rss_start_bytes": rss_start,
-            "rss_imports_bytes": rss_imports,
-            "rss_after_load_bytes": rss_after_load,
-            "peak_rss_after_load_bytes": peak_after_load,
-            "peak_rss_bytes": peak_after_quant,
             "checkpoint": str(out),
             "format": "gptq",
             "torch_threads": torch.get_num_threads(),
-        },
+        }
+        | meter.fields(),
     )
     return 0
 
