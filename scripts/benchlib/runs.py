@@ -142,6 +142,7 @@ RUNS: list[RunSpec] = [
     RunSpec("gptq-g64-asym-search-ep", "gptq", 64, False, grid="search", propagation=1.0),
     RunSpec("gptq-w3-g64-asym-search-ep", "gptq", 64, False, grid="search", bits=3, propagation=1.0),
     RunSpec("gptq-w3-g64-asym-search-ep05", "gptq", 64, False, grid="search", bits=3, propagation=0.5),
+    RunSpec("gptq-w3-g64-asym-search-ep075", "gptq", 64, False, grid="search", bits=3, propagation=0.75),
     RunSpec("gptq-w2-g64-asym-search-ep", "gptq", 64, False, grid="search", bits=2, propagation=1.0),
     RunSpec("gptq-g64-sym-search-ep05", "gptq", 64, True, grid="search", propagation=0.5),
     RunSpec("gptq-g64-asym-search-ep05", "gptq", 64, False, grid="search", propagation=0.5),
