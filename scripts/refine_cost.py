@@ -51,11 +51,13 @@ def main() -> None:
         model.model.layers = model.model.layers[: args.layers]
         model.config.num_hidden_layers = args.layers
         scheme = QuantScheme(args.bits, args.group_size, False)
-        refine = RefineConfig(steps, lr=args.lr) if steps else None
+        refinement = RefineConfig(steps, lr=args.lr) if steps else None  # (``refine`` is the module)
         if args.method == "rtn":
-            cfg = RTNConfig(scheme, grid=args.grid, refine=refine)
+            cfg = RTNConfig(scheme, grid=args.grid, refine=refinement)
         else:
-            cfg = GPTQConfig(scheme, grid=args.grid, error_propagation=args.error_propagation, refine=refine)
+            cfg = GPTQConfig(
+                scheme, grid=args.grid, error_propagation=args.error_propagation, refine=refinement
+            )
         t0 = time.perf_counter()
         pipeline.quantize(model, cfg, blocks, progress=False)
         logging.info("steps=%d: %.1f s for %d layers", steps, time.perf_counter() - t0, args.layers)

@@ -129,12 +129,9 @@ class _GPTQ(CheckpointFormat):
         b = scheme.bits
         codes = bitpack.unpack(tensors["qweight"], b, in_features, dim=0).t().contiguous()  # [K,N]->[N,K]
         stored = bitpack.unpack(tensors["qzeros"], b, out_features, dim=1).t()  # [G, N] -> [N, G]
+        # v1 writers (AutoGPTQ, auto-round's auto_gptq export) store an asym zero 0 as -1, which wraps to
+        # 2**b - 1 in b bits; that cannot mean zero 2**b (> maxq), so it reads as 0, as GPTQModel reads it
         zeros = (stored.to(torch.int64) + self.zero_offset) % (1 << b)
-        if self.zero_offset and bool((zeros == 0).any()):
-            # v1 writers (AutoGPTQ, auto-round's auto_gptq export) store zero 0 as -1, which wraps to
-            # 2**b - 1 in b bits; that stored value cannot mean zero 2**b (> maxq), so it reads as 0, the
-            # way GPTQModel's v1 -> v2 conversion reads it.
-            logger.debug("%s: asym v1 qzeros hold %d, read as zero 0 (a wrapped -1)", self.name, (1 << b) - 1)
         g_idx = read_g_idx(tensors.get("g_idx"), in_features, scheme)
         return QuantizedWeight(
             codes=codes,
