@@ -103,6 +103,9 @@ class QuantScheme(_Config):
         return in_features if self.group_size is None else self.group_size
 
 
+REFINE_LOSSES = ("mse", "relative")
+
+
 @dataclass(frozen=True)
 class RefineConfig(_Config):
     """Learned rounding refinement after the rounder (``llmquant.refine``): per decoder layer, ``steps``
@@ -112,11 +115,15 @@ class RefineConfig(_Config):
     lr: step size of the offsets (codes units); None = 1 / steps (AutoRound's default), decaying
         linearly to zero.
     seed: seeds the order in which batches are visited.
+    loss: ``"mse"`` the squared error of the layer's outputs over real tokens; ``"relative"`` each
+        token's squared error divided by its float output's mean square, so that the few tokens with
+        massive activations (attention sinks, whose scale the next RMSNorm removes) do not dominate.
     """
 
     steps: int = 100
     lr: float | None = None
     seed: int = 0
+    loss: str = "mse"
 
     def __post_init__(self) -> None:
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
@@ -125,6 +132,8 @@ class RefineConfig(_Config):
             raise ValueError(f"refine lr must be in (0, 1] (codes per step), got {self.lr!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"refine seed must be an integer, got {self.seed!r}")
+        if self.loss not in REFINE_LOSSES:
+            raise ValueError(f"refine loss must be one of {', '.join(REFINE_LOSSES)}, got {self.loss!r}")
 
 
 @dataclass(frozen=True)

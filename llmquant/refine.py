@@ -8,12 +8,12 @@ refinement keeps the grids and tunes the codes of the whole decoder layer togeth
 
 with ``W`` the float (transformed) weight. ``V`` starts where the rounder's codes are (``V0 = code0 −
 (W / s + z)`` where the rounder moved a code away from nearest, 0 where it did not) and stays within
-``V0 ± 0.5``. The loss is the mean
-squared error between the layer's output with the fake-quantized weights on the quantized model's
-inputs and the float layer's output on the float model's inputs (the pipeline's two streams), on real
-tokens only; gradients pass the rounding straight through. Each step takes one cached calibration
-batch (a seeded permutation of them, so a run is deterministic), and ``V`` moves by ``lr · sign(∇)``
-with ``lr`` decaying linearly to zero.
+``V0 ± 0.5``. The loss is the mean squared error between the layer's output with the fake-quantized
+weights on the quantized model's inputs and the float layer's output on the float model's inputs (the
+pipeline's two streams), on real tokens only (``loss="relative"``: each token's error divided by the
+mean square of its float output); gradients pass the rounding straight through. Each step takes one
+cached calibration batch (a seeded permutation of them, so a run is deterministic), and ``V`` moves by
+``lr · sign(∇)`` with ``lr`` decaying linearly to zero.
 
 The loss over every calibration batch is measured before and after; when the refined codes do not
 lower it, the rounder's codes are kept: the refinement never increases the loss it optimizes.
@@ -80,29 +80,50 @@ class _Offsets:
             return torch.round(x).clamp(0, self.maxq).to(torch.uint8)
 
 
+def token_weights(targets: Sequence[torch.Tensor], loss: str) -> list[torch.Tensor | None]:
+    """Per-token weights [b, S] of the loss, one per batch: None (plain squared error) for ``"mse"``;
+    for ``"relative"`` 1 / the mean square of the float output at that token."""
+    if loss == "mse":
+        return [None] * len(targets)
+    return [1.0 / t.detach().float().pow(2).mean(dim=-1).clamp_min(1e-12) for t in targets]
+
+
 def _layer_loss(
-    layer: nn.Module, weights: dict[str, torch.Tensor], batch: Batch, target: torch.Tensor
+    layer: nn.Module,
+    weights: dict[str, torch.Tensor],
+    batch: Batch,
+    target: torch.Tensor,
+    weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Mean squared error over the batch's real tokens of ``layer`` (with ``weights`` substituted)."""
+    """Mean (token-``weight``ed) squared error over the batch's real tokens of ``layer`` (with
+    ``weights`` substituted)."""
     x, kwargs, mask = batch
     y = functional_call(layer, weights, (x,), kwargs)
     y = y[0] if isinstance(y, tuple) else y
     err = (y - target).pow(2).sum(dim=-1)  # [b, S]
+    if weight is not None:
+        err = err * weight
     if mask is not None:
         return err[mask].mean()
     return err.mean()
 
 
 def _total_loss(
-    layer: nn.Module, offsets: dict[str, _Offsets], batches: Sequence[Batch], targets: Sequence[torch.Tensor]
+    layer: nn.Module,
+    offsets: dict[str, _Offsets],
+    batches: Sequence[Batch],
+    targets: Sequence[torch.Tensor],
+    tokens_weights: Sequence[torch.Tensor | None] | None = None,
 ) -> float:
-    """The loss refinement optimizes, over every batch (token-weighted mean)."""
+    """The loss refinement optimizes, over every batch (mean over real tokens); ``tokens_weights``
+    from ``token_weights`` (None: plain squared error)."""
     total, tokens = 0.0, 0
+    tokens_weights = tokens_weights or [None] * len(batches)
     with torch.no_grad():
         weights = {f"{n}.weight": o.fake_quant() for n, o in offsets.items()}
-        for batch, target in zip(batches, targets):
+        for batch, target, tw in zip(batches, targets, tokens_weights):
             count = int(batch[2].sum()) if batch[2] is not None else batch[0].shape[0] * batch[0].shape[1]
-            total += float(_layer_loss(layer, weights, batch, target)) * count
+            total += float(_layer_loss(layer, weights, batch, target, tw)) * count
             tokens += count
     return total / max(tokens, 1)
 
@@ -125,7 +146,8 @@ def refine_codes(
     called after every step (diagnostics: ``scripts/refine_cost.py --trace``).
     """
     offsets = {n: _Offsets.start(weights[n].float(), qw) for n, (qw, _log) in result.items()}
-    before = _total_loss(layer, offsets, batches, targets)
+    tw = token_weights(targets, config.loss)
+    before = _total_loss(layer, offsets, batches, targets, tw)
     gen = torch.Generator().manual_seed(config.seed)
     epochs = -(-config.steps // len(batches))
     order = torch.cat([torch.randperm(len(batches), generator=gen) for _ in range(epochs)])
@@ -135,7 +157,7 @@ def refine_codes(
     for step in range(config.steps):
         j = int(order[step])
         fake = {f"{n}.weight": o.fake_quant() for n, o in offsets.items()}
-        loss = _layer_loss(layer, fake, batches[j], targets[j])
+        loss = _layer_loss(layer, fake, batches[j], targets[j], tw[j])
         grads = torch.autograd.grad(loss, [o.v for o in offsets.values()])
         rate = lr * (1.0 - step / config.steps)
         with torch.no_grad():
@@ -145,7 +167,7 @@ def refine_codes(
             trace(step + 1, offsets)
     for o in offsets.values():
         o.v.requires_grad_(False)
-    after = _total_loss(layer, offsets, batches, targets)
+    after = _total_loss(layer, offsets, batches, targets, tw)
     if not after < before:
         return {n: qw.codes for n, (qw, _log) in result.items()}, before, before
     return {n: o.codes() for n, o in offsets.items()}, before, after

@@ -12,7 +12,7 @@ from llmquant.calibration import CalibrationBlocks, fingerprint
 from llmquant.config import GPTQConfig, QuantScheme, RefineConfig, RTNConfig
 from llmquant.grid import quantize_weight
 from llmquant.layer import ModuleLog
-from llmquant.refine import _Offsets, _total_loss, refine_codes
+from llmquant.refine import _Offsets, _total_loss, refine_codes, token_weights
 
 SCHEME = QuantScheme(3, 16, False)
 
@@ -65,6 +65,38 @@ def test_refinement_lowers_and_never_raises_the_layer_loss(seed: int, rounder: s
         assert int(moved.max()) <= 1 and codes[name].dtype == torch.uint8
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_relative_loss_lowers_the_token_normalized_error(seed: int) -> None:
+    """``loss="relative"``: before/after are the mean over real tokens of each token's squared error over
+    its float output's mean square (computed here independently); refinement lowers it."""
+    block, weights, result, batches, targets = _problem(seed)
+    targets = [t * torch.linspace(0.1, 30.0, t.shape[1])[None, :, None] for t in targets]  # uneven scales
+    cfg = RefineConfig(steps=40, loss="relative")
+    codes, before, after = refine_codes(block, weights, result, batches, targets, cfg)
+
+    def relative(codes_of: dict) -> float:
+        from llmquant.qtensor import QuantizedWeight
+
+        w = {
+            f"{n}.weight": QuantizedWeight(
+                codes_of[n], qw.scales, qw.zeros, qw.bits, qw.group_size
+            ).dequantize()
+            for n, (qw, _) in result.items()
+        }
+        errs = []
+        with torch.no_grad():
+            for (x, _kw, mask), t in zip(batches, targets):
+                e = (torch.func.functional_call(block, w, (x,)) - t).pow(2).sum(-1) / t.pow(2).mean(-1)
+                errs.append(e[mask] if mask is not None else e.flatten())
+        return float(torch.cat(errs).mean())
+
+    assert before == pytest.approx(relative({n: qw.codes for n, (qw, _) in result.items()}), rel=1e-5)
+    assert after == pytest.approx(relative(codes), rel=1e-5)
+    assert after < 0.9 * before
+    mse = token_weights(targets, "mse")
+    assert mse == [None] * len(targets)
+
+
 def test_no_improvement_keeps_the_rounder_codes() -> None:
     """A learning rate too small to flip any code leaves the loss equal: the rounder's codes come back."""
     block, weights, result, batches, targets = _problem(0)
@@ -100,7 +132,9 @@ def test_trace_sees_every_step_and_the_final_offsets() -> None:
     assert all(torch.equal(codes[n], last["codes"][n]) for n in codes)
 
 
-@pytest.mark.parametrize("bad", [{"steps": 0}, {"steps": 2.5}, {"lr": 0.0}, {"lr": 2.0}, {"seed": "x"}])
+@pytest.mark.parametrize(
+    "bad", [{"steps": 0}, {"steps": 2.5}, {"lr": 0.0}, {"lr": 2.0}, {"seed": "x"}, {"loss": "l1"}]
+)
 def test_refine_config_validation(bad: dict) -> None:
     with pytest.raises(ValueError, match="refine"):
         RefineConfig(**bad)
@@ -109,7 +143,7 @@ def test_refine_config_validation(bad: dict) -> None:
 def test_refine_config_round_trips() -> None:
     from llmquant.config import method_config_from_dict
 
-    cfg = GPTQConfig(SCHEME, refine=RefineConfig(7, lr=0.01, seed=2))
+    cfg = GPTQConfig(SCHEME, refine=RefineConfig(7, lr=0.01, seed=2, loss="relative"))
     assert method_config_from_dict(cfg.to_dict() | {"method": "gptq"}) == cfg
 
 

@@ -49,6 +49,7 @@ class RunSpec:
     fmt: str | None = None  # the checkpoint format, when not the method's natural one
     propagation: float = 0.0  # GPTQ's error_propagation α (GPTAQ)
     refine: int = 0  # --refine STEPS after the rounder (0: none)
+    refine_loss: str = "mse"  # RefineConfig.loss
 
     @property
     def format(self) -> str | None:
@@ -80,7 +81,10 @@ class RunSpec:
         if self.propagation:
             parts.append(f"error propagation α {self.propagation:g}")
         if self.refine:
-            parts.append(f"refine {self.refine} steps")
+            parts.append(
+                f"refine {self.refine} steps"
+                + (f" ({self.refine_loss} loss)" if self.refine_loss != "mse" else "")
+            )
         if self.method in ("gptq", "awq+gptq"):
             parts.append("damp 0.01, true_sequential")
         return ", ".join(parts)
@@ -90,7 +94,7 @@ class RunSpec:
         from llmquant.config import AWQConfig, GPTQConfig, QuantScheme, RefineConfig, RTNConfig
 
         scheme = QuantScheme(bits=self.bits, group_size=self.group_size, sym=self.sym)
-        refine = RefineConfig(self.refine) if self.refine else None
+        refine = RefineConfig(self.refine, loss=self.refine_loss) if self.refine else None
         if self.method.startswith("awq"):
             rounder = None
             if self.method == "awq+gptq":
@@ -159,6 +163,17 @@ RUNS: list[RunSpec] = [
         bits=3,
         propagation=0.5,
         refine=64,
+    ),
+    RunSpec(
+        "gptq-w3-g64-asym-search-ep05-refine64-rel",
+        "gptq",
+        64,
+        False,
+        grid="search",
+        bits=3,
+        propagation=0.5,
+        refine=64,
+        refine_loss="relative",
     ),
     RunSpec("rtn-w2-g64-asym", "rtn", 64, False, bits=2),
     RunSpec("gptq-w2-g64-asym", "gptq", 64, False, bits=2),
