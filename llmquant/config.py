@@ -118,12 +118,15 @@ class RefineConfig(_Config):
     loss: ``"mse"`` the squared error of the layer's outputs over real tokens; ``"relative"`` each
         token's squared error divided by its float output's mean square, so that the few tokens with
         massive activations (attention sinks, whose scale the next RMSNorm removes) do not dominate.
+    scales: also tune each group's scale (a multiplier within ×0.82..×1.22, same signed steps, folded
+        into exact float16 scales at the end; zeros kept), as AutoRound tunes its min/max.
     """
 
     steps: int = 100
     lr: float | None = None
     seed: int = 0
     loss: str = "mse"
+    scales: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
@@ -134,6 +137,8 @@ class RefineConfig(_Config):
             raise ValueError(f"refine seed must be an integer, got {self.seed!r}")
         if self.loss not in REFINE_LOSSES:
             raise ValueError(f"refine loss must be one of {', '.join(REFINE_LOSSES)}, got {self.loss!r}")
+        if not isinstance(self.scales, bool):
+            raise ValueError(f"refine scales must be true or false, got {self.scales!r}")
 
 
 @dataclass(frozen=True)

@@ -45,39 +45,79 @@ Batch = tuple[torch.Tensor, dict, torch.Tensor | None]  # (inputs [b, S, H], lay
 
 @dataclass
 class _Offsets:
-    """One linear's refinement state: its float weight and fixed grid expanded to [N, K], and V."""
+    """One linear's refinement state: its float weight, its grid (group scales [N, G] and zeros
+    expanded to [N, K]), the offsets V and, when scales are tuned, their log multipliers [N, G]."""
 
     weight: torch.Tensor
-    scale: torch.Tensor
+    group_scale: torch.Tensor
+    g: torch.Tensor
     zero: torch.Tensor
     v: torch.Tensor
     lo: torch.Tensor
     hi: torch.Tensor
     maxq: int
+    log_scale: torch.Tensor | None = None
 
     @classmethod
-    def start(cls, weight: torch.Tensor, qw: QuantizedWeight) -> _Offsets:
+    def start(cls, weight: torch.Tensor, qw: QuantizedWeight, tune_scales: bool = False) -> _Offsets:
         """V0 = 0 where the rounder's code is round-to-nearest (AutoRound's start from RTN); elsewhere
         (codes GPTQ moved) ``W/s + z + V0`` sits at the centre of the rounder's code, so noise in the
-        first signed steps does not flip it straight back."""
+        first signed steps does not flip it straight back. Scale multipliers start at 1."""
         g = qw.group_index().to(weight.device)
-        scale = qw.scales.to(weight.device).float()[:, g]  # [N, G] -> [N, K]
+        group_scale = qw.scales.to(weight.device).float()
         zero = qw.zeros.to(weight.device).float()[:, g]  # [N, G] -> [N, K]
-        x = weight / scale + zero
+        x = weight / group_scale[:, g] + zero
         code = qw.codes.to(weight.device).float()
         v0 = torch.where(torch.round(x).clamp(0, (1 << qw.bits) - 1) == code, 0.0, code - x)
-        return cls(weight, scale, zero, v0.clone(), v0 - 0.5, v0 + 0.5, (1 << qw.bits) - 1)
+        log_scale = torch.zeros_like(group_scale) if tune_scales else None
+        return cls(
+            weight, group_scale, g, zero, v0.clone(), v0 - 0.5, v0 + 0.5, (1 << qw.bits) - 1, log_scale
+        )
+
+    @property
+    def scale(self) -> torch.Tensor:
+        """The scales expanded to [N, K] (times their tuned multipliers)."""
+        s = self.group_scale if self.log_scale is None else self.group_scale * torch.exp(self.log_scale)
+        return s[:, self.g]
+
+    def params(self) -> list[torch.Tensor]:
+        return [self.v] if self.log_scale is None else [self.v, self.log_scale]
+
+    def step(self, grads: Sequence[torch.Tensor], rate: float) -> None:
+        """One signed-gradient step; V stays within ``V0 ± 0.5``, scales within ``SCALE_RANGE``."""
+        with torch.no_grad():
+            self.v.sub_(rate * torch.sign(grads[0])).clamp_(min=self.lo, max=self.hi)
+            if self.log_scale is not None:
+                self.log_scale.sub_(rate * torch.sign(grads[1])).clamp_(-SCALE_RANGE, SCALE_RANGE)
+
+    def settle(self) -> None:
+        """Fold tuned scales into exact float16 group scales (what the checkpoint stores)."""
+        if self.log_scale is not None:
+            with torch.no_grad():
+                self.group_scale = (self.group_scale * torch.exp(self.log_scale)).half().float()
+            self.log_scale = None
 
     def fake_quant(self) -> torch.Tensor:
         """``s · (clamp(round(W/s + z + V)) − z)``, rounding passed straight through."""
-        x = self.weight / self.scale + self.zero + self.v
+        scale = self.scale
+        x = self.weight / scale + self.zero + self.v
         q = (x + (torch.round(x) - x).detach()).clamp(0, self.maxq)
-        return self.scale * (q - self.zero)
+        return scale * (q - self.zero)
 
     def codes(self) -> torch.Tensor:
         with torch.no_grad():
             x = self.weight / self.scale + self.zero + self.v
             return torch.round(x).clamp(0, self.maxq).to(torch.uint8)
+
+    def quantized(self, qw: QuantizedWeight) -> QuantizedWeight:
+        """``qw`` with these codes (and scales, once settled)."""
+        scales = self.group_scale.to(qw.scales.device, torch.float16)
+        return QuantizedWeight(
+            self.codes().to(qw.codes.device), scales, qw.zeros, qw.bits, qw.group_size, qw.g_idx
+        )
+
+
+SCALE_RANGE = 0.2  # tuned scales stay within exp(±0.2) = ×0.82 .. ×1.22 of the rounder's
 
 
 def token_weights(targets: Sequence[torch.Tensor], loss: str) -> list[torch.Tensor | None]:
@@ -137,40 +177,43 @@ def refine_codes(
     config: RefineConfig,
     trace: Callable[[int, dict[str, _Offsets]], None] | None = None,
 ) -> tuple[dict[str, torch.Tensor], float, float]:
-    """Refined codes of every linear in ``result`` (name -> uint8 [N, K]), and the loss before / after.
+    """Every linear of ``result`` refined (name -> QuantizedWeight: new codes, and with
+    ``config.scales`` new float16 scales; zeros and g_idx kept), and the loss before / after.
 
     ``layer``: the decoder layer (its linears' weights are substituted, never modified); ``weights``:
     name -> float weight [N, K]; ``batches``: the quantized stream's inputs; ``targets``: the float
-    layer's outputs on the float stream, one per batch. The rounder's codes come back unchanged (and
+    layer's outputs on the float stream, one per batch. The rounder's weights come back unchanged (and
     after == before) when refinement does not lower the loss. ``trace(step, offsets)``, if given, is
     called after every step (diagnostics: ``scripts/refine_cost.py --trace``).
     """
-    offsets = {n: _Offsets.start(weights[n].float(), qw) for n, (qw, _log) in result.items()}
+    offsets = {n: _Offsets.start(weights[n].float(), qw, config.scales) for n, (qw, _log) in result.items()}
     tw = token_weights(targets, config.loss)
     before = _total_loss(layer, offsets, batches, targets, tw)
     gen = torch.Generator().manual_seed(config.seed)
     epochs = -(-config.steps // len(batches))
     order = torch.cat([torch.randperm(len(batches), generator=gen) for _ in range(epochs)])
     lr = config.lr if config.lr is not None else 1.0 / config.steps
-    for o in offsets.values():
-        o.v.requires_grad_(True)
+    params = [p for o in offsets.values() for p in o.params()]
+    for p in params:
+        p.requires_grad_(True)
     for step in range(config.steps):
         j = int(order[step])
         fake = {f"{n}.weight": o.fake_quant() for n, o in offsets.items()}
         loss = _layer_loss(layer, fake, batches[j], targets[j], tw[j])
-        grads = torch.autograd.grad(loss, [o.v for o in offsets.values()])
+        grads = iter(torch.autograd.grad(loss, params))
         rate = lr * (1.0 - step / config.steps)
-        with torch.no_grad():
-            for o, g in zip(offsets.values(), grads):
-                o.v.sub_(rate * torch.sign(g)).clamp_(min=o.lo, max=o.hi)
+        for o in offsets.values():
+            o.step([next(grads) for _ in o.params()], rate)
         if trace is not None:
             trace(step + 1, offsets)
     for o in offsets.values():
-        o.v.requires_grad_(False)
+        for p in o.params():
+            p.requires_grad_(False)
+        o.settle()
     after = _total_loss(layer, offsets, batches, targets, tw)
     if not after < before:
-        return {n: qw.codes for n, (qw, _log) in result.items()}, before, before
-    return {n: o.codes() for n, o in offsets.items()}, before, after
+        return {n: qw for n, (qw, _log) in result.items()}, before, before
+    return {n: offsets[n].quantized(qw) for n, (qw, _log) in result.items()}, before, after
 
 
 class Refiner:
@@ -187,15 +230,11 @@ class Refiner:
         targets = ctx.float_targets()
         weights = {n: ctx.float_layer.get_submodule(n).weight.detach() for n in result}
         with torch.enable_grad():
-            codes, before, after = refine_codes(layer, weights, result, batches, targets, self.config)
+            refined, before, after = refine_codes(layer, weights, result, batches, targets, self.config)
         seconds = time.perf_counter() - t0
         logger.info("refine layer %d: loss %.4g -> %.4g in %.1f s", ctx.index, before, after, seconds)
         note = {"refine_loss_before": before, "refine_loss_after": after, "refine_seconds": seconds}
-        return {n: (_with_codes(qw, codes[n]), _noted(log, note)) for n, (qw, log) in result.items()}
-
-
-def _with_codes(qw: QuantizedWeight, codes: torch.Tensor) -> QuantizedWeight:
-    return QuantizedWeight(codes.to(qw.codes.device), qw.scales, qw.zeros, qw.bits, qw.group_size, qw.g_idx)
+        return {n: (refined[n], _noted(log, note)) for n, (_qw, log) in result.items()}
 
 
 def _noted(log, note: dict) -> object:

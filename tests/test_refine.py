@@ -3,6 +3,8 @@ keeps the grids, is deterministic, and runs in the pipeline after RTN and GPTQ."
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -12,7 +14,7 @@ from llmquant.calibration import CalibrationBlocks, fingerprint
 from llmquant.config import GPTQConfig, QuantScheme, RefineConfig, RTNConfig
 from llmquant.grid import quantize_weight
 from llmquant.layer import ModuleLog
-from llmquant.refine import _Offsets, _total_loss, refine_codes, token_weights
+from llmquant.refine import SCALE_RANGE, _Offsets, _total_loss, refine_codes, token_weights
 
 SCHEME = QuantScheme(3, 16, False)
 
@@ -53,16 +55,30 @@ def _problem(seed: int, rounder: str = "rtn"):
 @pytest.mark.parametrize("rounder", ["rtn", "search"])
 def test_refinement_lowers_and_never_raises_the_layer_loss(seed: int, rounder: str) -> None:
     block, weights, result, batches, targets = _problem(seed, rounder)
-    codes, before, after = refine_codes(block, weights, result, batches, targets, RefineConfig(steps=40))
+    refined, before, after = refine_codes(block, weights, result, batches, targets, RefineConfig(steps=40))
     start = {n: _Offsets.start(weights[n], qw) for n, (qw, _) in result.items()}
     assert before == pytest.approx(
         _total_loss(block, start, batches, targets)
     )  # starts at the rounder's codes
     assert after <= before
     assert after < 0.9 * before  # measured: 3-bit RTN leaves plenty of room
+    assert after == pytest.approx(_loss_of(block, refined, batches, targets, relative=False), rel=1e-5)
     for name, (qw, _) in result.items():
-        moved = (codes[name].int() - qw.codes.int()).abs()
-        assert int(moved.max()) <= 1 and codes[name].dtype == torch.uint8
+        moved = (refined[name].codes.int() - qw.codes.int()).abs()
+        assert int(moved.max()) <= 1 and refined[name].codes.dtype == torch.uint8
+        assert torch.equal(refined[name].scales, qw.scales) and torch.equal(refined[name].zeros, qw.zeros)
+
+
+def _loss_of(block, quantized: dict, batches, targets, relative: bool) -> float:
+    """The layer loss of dequantized weights, computed independently of llmquant.refine."""
+    w = {f"{n}.weight": qw.dequantize() for n, qw in quantized.items()}
+    errs = []
+    with torch.no_grad():
+        for (x, _kw, mask), t in zip(batches, targets):
+            e = (torch.func.functional_call(block, w, (x,)) - t).pow(2).sum(-1)
+            e = e / t.pow(2).mean(-1) if relative else e
+            errs.append(e[mask] if mask is not None else e.flatten())
+    return float(torch.cat(errs).mean())
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -72,26 +88,10 @@ def test_relative_loss_lowers_the_token_normalized_error(seed: int) -> None:
     block, weights, result, batches, targets = _problem(seed)
     targets = [t * torch.linspace(0.1, 30.0, t.shape[1])[None, :, None] for t in targets]  # uneven scales
     cfg = RefineConfig(steps=40, loss="relative")
-    codes, before, after = refine_codes(block, weights, result, batches, targets, cfg)
-
-    def relative(codes_of: dict) -> float:
-        from llmquant.qtensor import QuantizedWeight
-
-        w = {
-            f"{n}.weight": QuantizedWeight(
-                codes_of[n], qw.scales, qw.zeros, qw.bits, qw.group_size
-            ).dequantize()
-            for n, (qw, _) in result.items()
-        }
-        errs = []
-        with torch.no_grad():
-            for (x, _kw, mask), t in zip(batches, targets):
-                e = (torch.func.functional_call(block, w, (x,)) - t).pow(2).sum(-1) / t.pow(2).mean(-1)
-                errs.append(e[mask] if mask is not None else e.flatten())
-        return float(torch.cat(errs).mean())
-
-    assert before == pytest.approx(relative({n: qw.codes for n, (qw, _) in result.items()}), rel=1e-5)
-    assert after == pytest.approx(relative(codes), rel=1e-5)
+    refined, before, after = refine_codes(block, weights, result, batches, targets, cfg)
+    rounder = {n: qw for n, (qw, _) in result.items()}
+    assert before == pytest.approx(_loss_of(block, rounder, batches, targets, relative=True), rel=1e-5)
+    assert after == pytest.approx(_loss_of(block, refined, batches, targets, relative=True), rel=1e-5)
     assert after < 0.9 * before
     mse = token_weights(targets, "mse")
     assert mse == [None] * len(targets)
@@ -100,16 +100,16 @@ def test_relative_loss_lowers_the_token_normalized_error(seed: int) -> None:
 def test_no_improvement_keeps_the_rounder_codes() -> None:
     """A learning rate too small to flip any code leaves the loss equal: the rounder's codes come back."""
     block, weights, result, batches, targets = _problem(0)
-    codes, before, after = refine_codes(block, weights, result, batches, targets, RefineConfig(1, lr=1e-9))
+    refined, before, after = refine_codes(block, weights, result, batches, targets, RefineConfig(1, lr=1e-9))
     assert after == before
-    assert all(torch.equal(codes[n], qw.codes) for n, (qw, _) in result.items())
+    assert all(refined[n] is qw for n, (qw, _) in result.items())
 
 
 def test_refinement_is_deterministic_for_a_seed() -> None:
     block, weights, result, batches, targets = _problem(1)
     a = refine_codes(block, weights, result, batches, targets, RefineConfig(20, seed=3))[0]
     b = refine_codes(block, weights, result, batches, targets, RefineConfig(20, seed=3))[0]
-    assert all(torch.equal(a[n], b[n]) for n in a)
+    assert all(a[n].equal(b[n]) for n in a)
 
 
 def test_trace_sees_every_step_and_the_final_offsets() -> None:
@@ -124,16 +124,38 @@ def test_trace_sees_every_step_and_the_final_offsets() -> None:
         last["loss"] = _total_loss(block, offsets, batches, targets)
         last["codes"] = {n: o.codes() for n, o in offsets.items()}
 
-    codes, before, after = refine_codes(
+    refined, before, after = refine_codes(
         block, weights, result, batches, targets, RefineConfig(20), trace=trace
     )
     assert seen == list(range(1, 21))
     assert after < before and last["loss"] == pytest.approx(after)
-    assert all(torch.equal(codes[n], last["codes"][n]) for n in codes)
+    assert all(torch.equal(refined[n].codes, last["codes"][n]) for n in refined)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_tuned_scales_are_exact_float16_in_range_and_lower_the_loss(seed: int) -> None:
+    """``scales=True``: the reported loss is that of the returned float16 scales and codes (computed
+    independently), below the rounder's; scales moved within the allowed range, zeros kept."""
+    block, weights, result, batches, targets = _problem(seed)
+    refined, before, after = refine_codes(
+        block, weights, result, batches, targets, RefineConfig(40, scales=True)
+    )
+    assert after < 0.9 * before
+    assert after == pytest.approx(_loss_of(block, refined, batches, targets, relative=False), rel=1e-5)
+    moved = False
+    for name, (qw, _) in result.items():
+        new = refined[name]
+        assert new.scales.dtype == torch.float16 and torch.equal(new.zeros, qw.zeros)
+        ratio = new.scales.float() / qw.scales.float()
+        assert float(ratio.min()) >= math.exp(-SCALE_RANGE) * 0.999
+        assert float(ratio.max()) <= math.exp(SCALE_RANGE) * 1.001
+        moved |= not torch.equal(new.scales, qw.scales)
+    assert moved
 
 
 @pytest.mark.parametrize(
-    "bad", [{"steps": 0}, {"steps": 2.5}, {"lr": 0.0}, {"lr": 2.0}, {"seed": "x"}, {"loss": "l1"}]
+    "bad",
+    [{"steps": 0}, {"steps": 2.5}, {"lr": 0.0}, {"lr": 2.0}, {"seed": "x"}, {"loss": "l1"}, {"scales": 1}],
 )
 def test_refine_config_validation(bad: dict) -> None:
     with pytest.raises(ValueError, match="refine"):
@@ -143,7 +165,7 @@ def test_refine_config_validation(bad: dict) -> None:
 def test_refine_config_round_trips() -> None:
     from llmquant.config import method_config_from_dict
 
-    cfg = GPTQConfig(SCHEME, refine=RefineConfig(7, lr=0.01, seed=2, loss="relative"))
+    cfg = GPTQConfig(SCHEME, refine=RefineConfig(7, lr=0.01, seed=2, loss="relative", scales=True))
     assert method_config_from_dict(cfg.to_dict() | {"method": "gptq"}) == cfg
 
 

@@ -50,6 +50,7 @@ class RunSpec:
     propagation: float = 0.0  # GPTQ's error_propagation α (GPTAQ)
     refine: int = 0  # --refine STEPS after the rounder (0: none)
     refine_loss: str = "mse"  # RefineConfig.loss
+    refine_scales: bool = False  # RefineConfig.scales
 
     @property
     def format(self) -> str | None:
@@ -84,6 +85,7 @@ class RunSpec:
             parts.append(
                 f"refine {self.refine} steps"
                 + (f" ({self.refine_loss} loss)" if self.refine_loss != "mse" else "")
+                + (" + scales" if self.refine_scales else "")
             )
         if self.method in ("gptq", "awq+gptq"):
             parts.append("damp 0.01, true_sequential")
@@ -94,7 +96,11 @@ class RunSpec:
         from llmquant.config import AWQConfig, GPTQConfig, QuantScheme, RefineConfig, RTNConfig
 
         scheme = QuantScheme(bits=self.bits, group_size=self.group_size, sym=self.sym)
-        refine = RefineConfig(self.refine, loss=self.refine_loss) if self.refine else None
+        refine = (
+            RefineConfig(self.refine, loss=self.refine_loss, scales=self.refine_scales)
+            if self.refine
+            else None
+        )
         if self.method.startswith("awq"):
             rounder = None
             if self.method == "awq+gptq":
@@ -174,6 +180,30 @@ RUNS: list[RunSpec] = [
         propagation=0.5,
         refine=64,
         refine_loss="relative",
+    ),
+    RunSpec(
+        "gptq-w3-g64-asym-search-ep05-refine64-scales",
+        "gptq",
+        64,
+        False,
+        grid="search",
+        bits=3,
+        propagation=0.5,
+        refine=64,
+        refine_loss="mse",
+        refine_scales=True,
+    ),
+    RunSpec(
+        "gptq-w3-g64-asym-search-ep05-refine64-rel-scales",
+        "gptq",
+        64,
+        False,
+        grid="search",
+        bits=3,
+        propagation=0.5,
+        refine=64,
+        refine_loss="relative",
+        refine_scales=True,
     ),
     RunSpec("rtn-w2-g64-asym", "rtn", 64, False, bits=2),
     RunSpec("gptq-w2-g64-asym", "gptq", 64, False, bits=2),
