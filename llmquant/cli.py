@@ -82,6 +82,8 @@ def _group_size(text: str) -> int | None:
 
 
 def _add_calibration_options(p: argparse.ArgumentParser) -> None:
+    from .config import REFINE_LOSSES
+
     g = p.add_argument_group("calibration and GPTQ")
     g.add_argument(
         "--calib",
@@ -122,6 +124,19 @@ def _add_calibration_options(p: argparse.ArgumentParser) -> None:
         metavar="STEPS",
         help="learned rounding after the rounder: STEPS signed-gradient steps per decoder layer on the "
         "codes against the float layer's outputs (AutoRound-style; default: off)",
+    )
+    g.add_argument(
+        "--refine-loss",
+        choices=REFINE_LOSSES,
+        default=None,
+        help="with --refine: 'mse' the layer outputs' squared error (default); 'relative' each token's error "
+        "over its float output's mean square, so a few massive-activation tokens do not dominate",
+    )
+    g.add_argument(
+        "--refine-scales",
+        action="store_true",
+        default=None,
+        help="with --refine: also tune each group's scale (x0.82..x1.22, exact float16; zeros kept)",
     )
     g.add_argument(
         "--no-true-sequential",

@@ -261,9 +261,13 @@ class MethodSpec:
 
 
 def _refine_from(o: Mapping[str, Any]) -> RefineConfig | None:
-    """``--refine STEPS`` (seeded by ``--seed``), or None."""
-    steps = o.get("refine")
-    return None if steps is None else RefineConfig(steps=steps, seed=o.get("seed") or 0)
+    """``--refine STEPS`` (seeded by ``--seed``; ``--refine-loss``, ``--refine-scales``), or None."""
+    steps, loss, scales = o.get("refine"), o.get("refine_loss"), o.get("refine_scales")
+    if steps is None:
+        if loss is not None or scales:
+            raise ValueError("--refine-loss and --refine-scales tune --refine: add --refine STEPS (e.g. 64)")
+        return None
+    return RefineConfig(steps=steps, seed=o.get("seed") or 0, loss=loss or "mse", scales=bool(scales))
 
 
 def _gptq_from(scheme: QuantScheme, o: Mapping[str, Any]) -> GPTQConfig:

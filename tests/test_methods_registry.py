@@ -71,3 +71,25 @@ def test_check_format_refuses_before_work_with_the_fix() -> None:
     with pytest.raises(ValueError, match="act-order"):
         check_format("awq", GPTQConfig(ASYM, static_groups=False), {576})
     check_format("compressed-tensors", AWQConfig(QuantScheme(4, 128, False)), {576, 1536})
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq", "awq", "awq+gptq"])
+def test_refine_options_reach_every_rounder(method) -> None:
+    argv = ["quantize", "m", "-o", "o", "--method", method, "--refine", "8", "--seed", "3"]
+    args = build_parser().parse_args([*argv, "--refine-loss", "relative", "--refine-scales"])
+    cfg = build_method_config(args.method, ASYM, vars(args))
+    rounder = cfg.rounder if isinstance(cfg, AWQConfig) else cfg
+    assert (rounder.refine.steps, rounder.refine.seed) == (8, 3)
+    assert (rounder.refine.loss, rounder.refine.scales) == ("relative", True)
+    plain = build_method_config(method, ASYM, vars(build_parser().parse_args(argv)))
+    plain = plain.rounder if isinstance(plain, AWQConfig) else plain
+    assert (plain.refine.loss, plain.refine.scales) == ("mse", False)
+
+
+@pytest.mark.parametrize("extra", [["--refine-loss", "relative"], ["--refine-scales"]])
+def test_refine_options_without_refine_are_refused(extra) -> None:
+    args = build_parser().parse_args(["quantize", "m", "-o", "o", *extra])
+    with pytest.raises(ValueError, match=r"add --refine STEPS"):
+        build_method_config("gptq", ASYM, vars(args))
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["quantize", "m", "-o", "o", "--refine", "8", "--refine-loss", "l1"])

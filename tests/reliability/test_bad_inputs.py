@@ -92,6 +92,7 @@ def test_nan_weight_is_named(capsys, tiny_checkpoint, tmp_path) -> None:
         (["--format", "awq", "--bits", "3"], "format 'awq' supports bits [4]"),
         (["--format", "gptq", "--asym"], "gptq_v2"),
         (["--format", "exl2"], "exl2"),
+        (["--refine-scales"], "add --refine STEPS"),
     ],
 )
 def test_format_refused_before_work(capsys, tiny_checkpoint, tmp_path, extra, needle) -> None:
